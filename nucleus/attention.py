@@ -1,0 +1,161 @@
+"""Paged KV cache and the portable attention backend (plain torch: CPU and CUDA).
+
+The model writes each new token's key and value into a pool of fixed-size blocks and reads a
+sequence's past through its block table. The same layout serves Meta's reference loop (one block
+table per batch row) and the engine (blocks handed out and shared by the block manager).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nucleus.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer: `(n_layers, num_blocks, block_size, n_kv_heads, head_dim)`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        return cls(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * itemsize
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a flat batch's tokens sit: built once per step by whoever drives the model."""
+
+    query_start: torch.Tensor  # (B+1,) cumulative query lengths
+    context_lens: torch.Tensor  # (B,) KV length of each sequence after this step
+    block_tables: torch.Tensor  # (B, max_blocks) block ids, padded with any valid id
+    slot_mapping: torch.Tensor  # (T,) cache slot of each new token: block * block_size + offset
+    max_query_len: int
+    max_context_len: int
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """From plain lists: query tokens are the last `query_lens[i]` of `context_lens[i]`."""
+        slots: list[int] = []
+        for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables, strict=True):
+            for pos in range(ctx_len - q_len, ctx_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=1) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        for q_len in query_lens:
+            starts.append(starts[-1] + q_len)
+
+        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        return cls(
+            query_start=tensor(starts),
+            context_lens=tensor(context_lens),
+            block_tables=tensor(padded),
+            slot_mapping=tensor(slots),
+            max_query_len=max(query_lens, default=0),
+            max_context_len=max(context_lens, default=0),
+        )
+
+
+def write_kv(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store new keys/values `(T, n_kv, hd)` of one layer at their slots."""
+    n_kv, hd = k.shape[-2:]
+    cache_k.view(-1, n_kv, hd).index_copy_(0, slot_mapping, k)
+    cache_v.view(-1, n_kv, hd).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Causal GQA attention of flat queries `(T, n_heads, hd)` over each sequence's cached keys.
+
+    Arithmetic as Meta's reference: `q @ kᵀ / sqrt(hd)` in the model dtype, softmax in float32 cast
+    back, then `@ v`. Sequences are padded to the longest query and context of the step.
+    """
+    num_seqs = meta.context_lens.shape[0]
+    n_heads, hd = q.shape[1:]
+    block_size, n_kv = cache_k.shape[1], cache_k.shape[2]
+    q_lens = meta.query_start[1:] - meta.query_start[:-1]
+    max_q, max_ctx = meta.max_query_len, meta.max_context_len
+    device = q.device
+
+    # Gather each sequence's keys/values into (B, max_ctx, n_kv, hd) through its block table.
+    key_pos = torch.arange(max_ctx, device=device)
+    blocks = meta.block_tables.gather(
+        1,
+        (key_pos // block_size)
+        .unsqueeze(0)
+        .expand(num_seqs, -1)
+        .clamp(max=meta.block_tables.shape[1] - 1),
+    )
+    slots = blocks * block_size + key_pos % block_size
+    keys = cache_k.view(-1, n_kv, hd)[slots]
+    values = cache_v.view(-1, n_kv, hd)[slots]
+
+    # Scatter the flat queries into (B, max_q, n_heads, hd).
+    q_offset = torch.arange(max_q, device=device)
+    q_valid = q_offset.unsqueeze(0) < q_lens.unsqueeze(1)  # (B, max_q)
+    flat_index = (meta.query_start[:-1].unsqueeze(1) + q_offset).masked_fill(~q_valid, 0)
+    queries = q[flat_index]  # (B, max_q, n_heads, hd)
+
+    # Query j of sequence b sits at position context_len - q_len + j and sees keys up to it.
+    q_pos = (meta.context_lens - q_lens).unsqueeze(1) + q_offset  # (B, max_q)
+    visible = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # (B, max_q, max_ctx)
+    visible |= ~q_valid.unsqueeze(-1)  # padded queries see everything: no all -inf rows
+
+    n_rep = n_heads // n_kv
+    queries = queries.transpose(1, 2)  # (B, H, max_q, hd)
+    keys = keys.transpose(1, 2).repeat_interleave(n_rep, dim=1)  # (B, H, max_ctx, hd)
+    values = values.transpose(1, 2).repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(queries, keys.transpose(2, 3)) / math.sqrt(hd)
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).type_as(queries)
+    out = torch.matmul(probs, values).transpose(1, 2)  # (B, max_q, H, hd)
+    return out[q_valid]  # back to flat (T, H, hd), in query order

@@ -1,0 +1,403 @@
+"""`nucleus.Llama`: Meta's reference API (`build`, `generate`, `text_completion`, `chat_completion`).
+
+Same arguments, defaults, return shapes and semantics as `llama/generation.py` of meta-llama/llama3,
+including the same sampled tokens for the same seed: the global torch generator is seeded once in
+`build` and each decode step makes one `(B, V)` draw for every row. `reference-semantics.md` in the
+project's shared notes states that behaviour fact by fact; the comments below cite its sections.
+
+The reference's known bugs (its section 8.2) are kept by default. `fix_reference_bugs=True` fixes:
+- the log-probabilities of the `min_prompt_len == total_len` path (aligned like the loop's, and
+  computed only when asked for);
+- `echo=True` output cut at a stop token that is part of the prompt (only generated stop tokens
+  end the output);
+- rows that keep generating after they stopped or passed `max_gen_len` (the loop ends as soon as
+  every row is done).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from nucleus.attention import AttentionMetadata, KVCache
+from nucleus.model import Transformer
+from nucleus.sampling import sample_top_p
+from nucleus.tokenizer import ChatFormat, Dialog, Message, Tokenizer
+
+Role = Literal["system", "user", "assistant"]
+
+__all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message"]
+
+# `llama3`'s `Llama.build` asserts `max_seq_len <= 8192`; models with Llama 3.1 RoPE scaling go on.
+REFERENCE_MAX_SEQ_LEN = 8192
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]  # not required
+    logprobs: list[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: list[str]  # not required
+    logprobs: list[float]  # not required
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA as the reference (fp16 where bf16 is missing), float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+class Llama:
+    """A model, its tokenizer and chat format, generating as Meta's reference does."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: int | None = None,
+        seed: int = 1,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        fix_reference_bugs: bool = False,
+    ) -> Llama:
+        """Load a Meta checkpoint directory and its tokenizer.
+
+        Args:
+            ckpt_dir: directory with `params.json` and `consolidated.*.pth` (shards are merged).
+            tokenizer_path: the tiktoken `tokenizer.model`.
+            max_seq_len: longest prompt plus generation, 1..8192 (more with Llama 3.1 RoPE scaling).
+            max_batch_size: most prompts in one `generate` call.
+            model_parallel_size: 1 or None; tensor parallelism is not supported yet.
+            seed: seeds the global torch generator once, as the reference does.
+            device: default CUDA when available, else CPU.
+            dtype: default bf16 on CUDA, float32 on CPU.
+            fix_reference_bugs: fix the reference's known bugs (see the module docstring).
+        """
+        from nucleus.loaders import build_transformer
+        from nucleus.loaders.errors import CheckpointError
+        from nucleus.loaders.meta import load_meta_checkpoint
+
+        _check_int("max_seq_len", max_seq_len, 1)
+        _check_int("max_batch_size", max_batch_size, 1)
+        if model_parallel_size is not None:
+            _check_int("model_parallel_size", model_parallel_size, 1)
+            if model_parallel_size > 1:
+                raise NotImplementedError(
+                    f"model_parallel_size={model_parallel_size}: tensor parallelism is not "
+                    "supported yet; pass 1 or None (shards of a checkpoint are merged on one device)"
+                )
+        if not Path(ckpt_dir).is_dir():
+            raise CheckpointError(f"ckpt_dir {ckpt_dir!r} is not a directory")
+        if not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer_path {tokenizer_path!r} is not a file")
+
+        start = time.time()
+        torch.manual_seed(seed)  # once, here; generate continues this stream (1.2 step 5)
+        config, weights = load_meta_checkpoint(ckpt_dir)
+        limit = config.max_position_embeddings or (
+            131072 if config.rope_scaling else REFERENCE_MAX_SEQ_LEN
+        )
+        if max_seq_len > limit:
+            raise ValueError(f"max_seq_len must be <= {limit} for this model, got {max_seq_len}")
+        tokenizer = Tokenizer(model_path=str(tokenizer_path))
+        if config.vocab_size != tokenizer.n_words:
+            raise CheckpointError(
+                f"params.json vocab_size {config.vocab_size} does not match the tokenizer's "
+                f"{tokenizer.n_words} tokens"
+            )
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        model = build_transformer(config, weights, device=device, dtype=dtype)
+        print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
+        return Llama(
+            model,
+            tokenizer,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            fix_reference_bugs=fix_reference_bugs,
+        )
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_seq_len: int,
+        max_batch_size: int,
+        fix_reference_bugs: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.fix_reference_bugs = fix_reference_bugs
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head_weight.device
+
+    def _validate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+    ) -> None:
+        if not isinstance(prompt_tokens, Sequence) or isinstance(prompt_tokens, (str, bytes)):
+            raise TypeError("prompt_tokens must be a list of token-id lists")
+        if len(prompt_tokens) == 0:
+            raise ValueError("prompt_tokens is empty: pass at least one prompt")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise ValueError(
+                f"prompt_tokens has {len(prompt_tokens)} prompts, more than "
+                f"max_batch_size={self.max_batch_size}"
+            )
+        vocab = self.model.config.vocab_size
+        for i, prompt in enumerate(prompt_tokens):
+            if not isinstance(prompt, Sequence) or isinstance(prompt, (str, bytes)):
+                raise TypeError(f"prompt_tokens[{i}] must be a list of token ids")
+            if len(prompt) == 0:
+                raise ValueError(f"prompt_tokens[{i}] is empty: each prompt needs a token")
+            if len(prompt) > self.max_seq_len:
+                raise ValueError(
+                    f"prompt_tokens[{i}] has {len(prompt)} tokens, more than "
+                    f"max_seq_len={self.max_seq_len}"
+                )
+            for t in prompt:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise ValueError(
+                        f"prompt_tokens[{i}] holds {t!r}, not a token id in [0, {vocab})"
+                    )
+        _check_int("max_gen_len", max_gen_len, 0)
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+
+    def _forward(
+        self, tokens: torch.Tensor, kv: KVCache, start: int, end: int, all_logits: bool
+    ) -> torch.Tensor:
+        """Logits `(B, end-start or 1, V)` for columns `[start, end)` of every row; row i's cache
+        is block i of `kv`, so a cache slot is `i * block_size + position`."""
+        batch, block_size = tokens.shape[0], kv.block_size
+        device = tokens.device
+        positions = torch.arange(start, end, device=device)
+        rows = torch.arange(batch, device=device)
+        meta = AttentionMetadata(
+            query_start=rows.new_tensor(range(0, batch * (end - start) + 1, end - start)),
+            context_lens=torch.full((batch,), end, device=device),
+            block_tables=rows.unsqueeze(1),
+            slot_mapping=(rows.unsqueeze(1) * block_size + positions).reshape(-1),
+            max_query_len=end - start,
+            max_context_len=end,
+        )
+        hidden = self.model(
+            tokens[:, start:end].reshape(-1), positions.repeat(batch), kv, meta
+        ).view(batch, end - start, -1)
+        if not all_logits:
+            hidden = hidden[:, -1:]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Generate continuations of tokenized prompts (reference-semantics section 2).
+
+        Args:
+            prompt_tokens: one list of token ids per prompt; prompts may differ in length.
+            max_gen_len: most tokens generated per prompt.
+            temperature: softmax temperature; `<= 0` is greedy.
+            top_p: nucleus sampling threshold, as the reference's `sample_top_p`.
+            logprobs: also return each returned token's log-probability (raw distribution).
+            echo: return the prompt tokens before the generation.
+
+        Returns:
+            The token lists (cut at the first stop token) and, if `logprobs`, their
+            log-probabilities; else None.
+        """
+        self._validate(prompt_tokens, max_gen_len, temperature, top_p)
+        fix = self.fix_reference_bugs
+        bsz = len(prompt_tokens)
+        pad_id = self.tokenizer.pad_id
+        device = self.device
+        prompt_lens = [len(t) for t in prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(self.max_seq_len, max_gen_len + max_prompt_len)
+
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
+        kv = KVCache.allocate(
+            self.model.config, bsz, total_len, self.model.lm_head_weight.dtype, device
+        )
+
+        prev_pos = 0
+        eos_reached = torch.tensor([False] * bsz, device=device)
+        input_text_mask = tokens != pad_id
+        # Positions each row may still fill: the reference fills up to total_len; the fix stops a
+        # row at its own budget.
+        row_end = torch.tensor(
+            [min(n + max_gen_len, total_len) for n in prompt_lens], device=device
+        )
+        if min_prompt_len == total_len and logprobs:  # unused otherwise; draws no RNG
+            logits = self._forward(tokens, kv, 0, total_len, all_logits=True)
+            if fix:  # aligned as the loop aligns them: position 0 has no prediction
+                token_logprobs[:, 1:] = -F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2),
+                    tokens[:, 1:],
+                    reduction="none",
+                    ignore_index=pad_id,
+                )
+            else:  # the reference's unshifted target (2.1 step 7)
+                token_logprobs = -F.cross_entropy(
+                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
+                )
+
+        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self._forward(tokens, kv, prev_pos, cur_pos, all_logits=logprobs)
+            if temperature > 0:
+                probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+                next_token = sample_top_p(probs, top_p)
+            else:
+                next_token = torch.argmax(logits[:, -1], dim=-1)
+            next_token = next_token.reshape(-1)
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2),
+                    tokens[:, prev_pos + 1 : cur_pos + 1],
+                    reduction="none",
+                    ignore_index=pad_id,
+                )
+            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop_tokens)
+            prev_pos = cur_pos
+            done = eos_reached | (row_end <= cur_pos + 1) if fix else eos_reached
+            if all(done):
+                break
+
+        if logprobs:
+            token_logprobs = token_logprobs.tolist()
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            start = 0 if echo else prompt_lens[i]
+            toks = toks[start : prompt_lens[i] + max_gen_len]
+            probs = token_logprobs[i][start : prompt_lens[i] + max_gen_len] if logprobs else None
+            # Cut at the first stop token; the fix ignores stop tokens that are part of the prompt.
+            first_searchable = prompt_lens[i] - start if fix else 0
+            cut = next(
+                (
+                    j
+                    for j in range(first_searchable, len(toks))
+                    if toks[j] in self.tokenizer.stop_tokens
+                ),
+                len(toks),
+            )
+            out_tokens.append(toks[:cut])
+            if logprobs:
+                out_logprobs.append(probs[:cut])
+        return out_tokens, out_logprobs if logprobs else None
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[CompletionPrediction]:
+        """Complete each prompt (BOS added, special-token text encoded as text)."""
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        if not isinstance(prompts, Sequence) or isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings")
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+            echo=echo,
+        )
+        if logprobs:
+            return [
+                {
+                    "generation": self.tokenizer.decode(t),
+                    "tokens": [self.tokenizer.decode([x]) for x in t],
+                    "logprobs": logprobs_i,
+                }
+                for t, logprobs_i in zip(generation_tokens, generation_logprobs, strict=True)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+    ) -> list[ChatPrediction]:
+        """Answer each dialog as the assistant, in the Llama 3 chat format."""
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+        )
+        if logprobs:
+            return [
+                {
+                    "generation": {"role": "assistant", "content": self.tokenizer.decode(t)},
+                    "tokens": [self.tokenizer.decode([x]) for x in t],
+                    "logprobs": logprobs_i,
+                }
+                for t, logprobs_i in zip(generation_tokens, generation_logprobs, strict=True)
+            ]
+        return [
+            {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
+            for t in generation_tokens
+        ]
