@@ -67,7 +67,7 @@ def load_hf_config(model_dir: Path) -> ModelConfig:
     try:
         return ModelConfig.from_hf_config(config)
     except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{model_dir}: {e}") from None
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

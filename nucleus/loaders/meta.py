@@ -50,7 +50,7 @@ def load_meta_params(ckpt_dir: Path) -> ModelConfig:
     try:
         return ModelConfig.from_meta_params(params)
     except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{ckpt_dir}: {e}") from None
 
 
 def load_meta_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

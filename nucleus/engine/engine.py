@@ -1,0 +1,264 @@
+"""The engine loop: requests in, cumulative `RequestOutput`s out, one scheduler step at a time.
+
+`LLMEngine` owns the scheduler (policy), the block manager (bookkeeping), the model runner
+(tensors) and one incremental detokenizer per sequence. The offline `LLM` and the async face are
+thin loops over `add_request` / `step` / `abort`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nucleus.engine.block_manager import BlockManager
+from nucleus.engine.detokenizer import IncrementalDetokenizer
+from nucleus.engine.runner import ModelRunner, auto_num_blocks
+from nucleus.engine.scheduler import Scheduler
+from nucleus.engine.sequence import Sequence, SequenceStatus
+from nucleus.model import Transformer
+from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nucleus.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from free memory
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    kv_dtype: torch.dtype | None = None  # None: the model's dtype
+    memory_fraction: float | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    texts: list[str]
+    metrics: RequestMetrics
+    reported_finished: bool = False
+    pending: bool = field(default=False)  # has news not yet returned by step()
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Any, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        mc = model.config
+        limit = mc.max_position_embeddings or config.max_model_len or 8192
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        device = model.tok_embeddings.weight.device
+        kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
+        num_blocks = config.num_kv_blocks or auto_num_blocks(
+            model,
+            block_size=config.block_size,
+            dtype=kv_dtype,
+            device=device,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            memory_fraction=config.memory_fraction,
+        )
+        self.stop_token_ids = frozenset(getattr(tokenizer, "stop_tokens", ()) or ())
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            max_model_len=self.max_model_len,
+            stop_token_ids=self.stop_token_ids,
+        )
+        self.runner = ModelRunner(
+            model,
+            num_kv_blocks=num_blocks,
+            block_size=config.block_size,
+            kv_dtype=kv_dtype,
+            stop_token_ids=self.stop_token_ids,
+        )
+        self._special_ids = (
+            frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
+            | self.stop_token_ids
+        )
+        self.requests: dict[str, _Request] = {}
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+        else:
+            text, ids = None, list(prompt)
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
+                "and one is needed for the output"
+            )
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [
+            Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)
+        ]
+        skip = self._special_ids if params.skip_special_tokens else self.stop_token_ids
+        detoks = [
+            IncrementalDetokenizer(self.tokenizer, stop=params.stop_strings, skip_token_ids=skip)
+            for _ in seqs
+        ]
+        self.requests[request_id] = _Request(
+            request_id, text, ids, params, seqs, detoks, [""] * len(seqs), RequestMetrics(now)
+        )
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens += len(ids)
+
+    def abort(self, request_id: str) -> None:
+        """End a request; the next `step` reports it with finish_reason "abort"."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        self.scheduler.abort(s for s in req.seqs if not s.is_finished)
+        for i in range(len(req.seqs)):
+            req.texts[i] += req.detoks[i].flush()
+        req.pending = True
+
+    def has_unfinished(self) -> bool:
+        return any(not r.reported_finished for r in self.requests.values())
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the outputs of the requests that changed."""
+        batch = self.scheduler.schedule()
+        if not batch.is_empty:
+            now = time.monotonic()
+            result = self.runner.execute(batch)
+            for i, seq in enumerate(batch.seqs):
+                req = self.requests[seq.request_id]
+                if req.metrics.first_scheduled_time is None:
+                    req.metrics.first_scheduled_time = now
+                if result.errors[i] is not None:
+                    seq.error = result.errors[i]
+                    self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                    req.texts[seq.index] += req.detoks[seq.index].flush()
+                    req.pending = True
+            row_of = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+            for seq in self.scheduler.postprocess(batch, result.token_ids):
+                self._on_token(seq, result.logprobs[row_of[seq.seq_id]])
+        outputs = []
+        for req in list(self.requests.values()):
+            if not req.pending:
+                continue
+            req.pending = False
+            out = self._output(req)
+            outputs.append(out)
+            if out.finished:
+                req.reported_finished = True
+                del self.requests[req.request_id]
+        return outputs
+
+    def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
+        req = self.requests[seq.request_id]
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.monotonic()
+        self.num_generated_tokens += 1
+        if seq.params.logprobs is not None and logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        i, token = seq.index, seq.last_token_id
+        detok = req.detoks[i]
+        ended_by_token = seq.status is SequenceStatus.FINISHED_STOPPED
+        if not ended_by_token:
+            check = seq.num_output_tokens >= seq.params.min_tokens
+            req.texts[i] += detok.add([token], check_stop=check)
+            if detok.stopped and not seq.is_finished:
+                seq.stop_reason = detok.stop_reason
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if seq.is_finished:
+            req.texts[i] += detok.flush()
+        req.pending = True
+
+    def _output(self, req: _Request) -> RequestOutput:
+        completions = []
+        for seq, text in zip(req.seqs, req.texts, strict=True):
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(seq.output_token_ids),
+                    logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                    finish_reason=seq.status.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    error=seq.error,
+                )
+            )
+        finished = all(s.is_finished for s in req.seqs)
+        if finished and req.metrics.finished_time is None:
+            req.metrics.finished_time = time.monotonic()
+        first = req.seqs[0]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            prompt_logprobs=list(first.prompt_logprobs)
+            if req.params.prompt_logprobs is not None
+            else None,
+            metrics=req.metrics,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+    # ---- convenience ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order."""
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.block_manager.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.num_queried_blocks,
+            "prefix_cache_hits": self.block_manager.num_hit_blocks,
+            "generation_tokens": self.num_generated_tokens,
+            "prompt_tokens": self.num_prompt_tokens,
+        }

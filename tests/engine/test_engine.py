@@ -1,0 +1,185 @@
+"""The engine end to end on a tiny random model (CPU): paged cache, prefix hits, chunked prefill
+and preemption all give the tokens of a plain recompute-everything greedy loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nucleus.attention import AttentionMetadata, KVCache
+from nucleus.config import ModelConfig
+from nucleus.engine.engine import EngineConfig, LLMEngine
+from nucleus.model import Transformer
+from nucleus.sampling_params import SamplingParams
+
+V = 64
+EOS = 1
+
+
+class ToyTokenizer:
+    stop_tokens = frozenset({EOS})
+
+    def __init__(self) -> None:
+        self.special_tokens: dict[str, int] = {}
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        return [2 + (ord(c) % (V - 2)) for c in s]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("A") + i % 58) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=V,
+        ffn_hidden_dim=64,
+        max_position_embeddings=64,
+    )
+    m = Transformer(config)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m.eval()
+
+
+def naive_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
+    kv = KVCache.allocate(model.config, 1, 64, torch.float32, "cpu")
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0]], 64, "cpu")
+    h = model.forward(torch.tensor(ids), torch.arange(len(ids)), kv, meta)
+    return model.compute_logits(h[-1:])[0]
+
+
+_greedy_cache: dict[tuple[int, ...], list[int]] = {}
+
+
+def naive_greedy(model, prompt, n) -> list[int]:
+    key = (id(model), *prompt, -1, n)
+    if key in _greedy_cache:
+        return _greedy_cache[key]
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(naive_logits(model, ids).argmax()))
+    return ids[len(prompt) :]
+
+
+def engine(model, **kw) -> LLMEngine:
+    kw.setdefault("num_kv_blocks", 64)
+    kw.setdefault("block_size", 4)
+    return LLMEngine(model, ToyTokenizer(), EngineConfig(**kw))
+
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12, 13],
+    [5, 6, 7, 8, 9, 10, 11, 12, 20, 21],
+    [30, 31],
+    [40] * 17,
+]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"max_num_batched_tokens": 5},  # chunked prefill
+        {
+            "num_kv_blocks": 9,
+            "max_num_batched_tokens": 7,
+            "max_model_len": 32,
+        },  # preemption by recompute
+        {"enable_prefix_caching": False, "max_num_seqs": 2},
+    ],
+)
+def test_greedy_matches_a_plain_recompute_loop(model, kw):
+    e = engine(model, **kw)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = e.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == naive_greedy(model, prompt, 8)
+        assert out.outputs[0].finish_reason == "length"
+    assert e.block_manager.num_used_blocks == 0 and not e.has_unfinished()
+    if not kw:  # now cached: the shared 8-token prefix is reused
+        (out,) = e.generate([PROMPTS[1]], params)
+        assert out.outputs[0].token_ids == naive_greedy(model, PROMPTS[1], 8)
+        assert out.num_cached_tokens == 8 and e.block_manager.num_hit_blocks >= 2
+    if "num_kv_blocks" in kw:
+        assert e.scheduler.num_preemptions > 0
+
+
+def test_seeded_request_alone_or_in_a_batch(model):
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=10, ignore_eos=True)
+    alone = engine(model).generate([PROMPTS[0]], p)[0].outputs[0].token_ids
+    mixed = (
+        engine(model)
+        .generate(
+            [PROMPTS[2], PROMPTS[0], PROMPTS[3]],
+            [
+                SamplingParams(temperature=1.0, max_tokens=5),
+                p,
+                SamplingParams(seed=3, max_tokens=7),
+            ],
+        )[1]
+        .outputs[0]
+        .token_ids
+    )
+    assert alone == mixed
+
+
+def test_logprobs_stop_strings_and_n(model):
+    e = engine(model)
+    greedy = naive_greedy(model, PROMPTS[0], 6)
+    text = ToyTokenizer().decode(greedy)
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=6,
+        ignore_eos=True,
+        logprobs=2,
+        prompt_logprobs=1,
+        stop=[text[3:5]],
+        n=2,
+    )
+    out = e.generate([PROMPTS[0]], params)[0]
+    for c in out.outputs:
+        assert c.text == text[: text.find(text[3:5])] and c.finish_reason == "stop"
+        assert c.stop_reason == text[3:5]
+        lp = torch.log_softmax(naive_logits(model, PROMPTS[0]), -1)
+        assert c.logprobs[0][greedy[0]] == pytest.approx(lp[greedy[0]].item(), abs=1e-4)
+        assert len(c.logprobs[0]) == 2  # the chosen token is the top one
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(PROMPTS[0])
+    lp = torch.log_softmax(naive_logits(model, PROMPTS[0][:3]), -1)
+    assert out.prompt_logprobs[3][PROMPTS[0][3]] == pytest.approx(
+        lp[PROMPTS[0][3]].item(), abs=1e-4
+    )
+
+
+def test_nan_logits_end_only_that_request_with_error(model, monkeypatch):
+    e = engine(model)
+    compute = model.compute_logits
+
+    def poisoned(hidden):
+        logits = compute(hidden)
+        if logits.shape[0] == 2:
+            logits[0, 3] = float("nan")
+        return logits
+
+    monkeypatch.setattr(e.runner.model, "compute_logits", poisoned)
+    outs = e.generate(
+        [PROMPTS[0], PROMPTS[2]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    )
+    assert outs[0].outputs[0].finish_reason == "error" and outs[0].outputs[0].error
+    assert outs[1].outputs[0].finish_reason == "length"
+    assert e.block_manager.num_used_blocks == 0
+
+
+def test_abort_returns_blocks_and_reports_abort(model):
+    e = engine(model)
+    e.add_request("a", PROMPTS[3], SamplingParams(max_tokens=20, ignore_eos=True))
+    e.step()
+    e.abort("a")
+    (out,) = e.step()
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert e.block_manager.num_used_blocks == 0 and not e.has_unfinished()
