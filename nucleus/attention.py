@@ -8,9 +8,11 @@ table per batch row) and the engine (blocks handed out and shared by the block m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from nucleus.config import ModelConfig
 
@@ -61,6 +63,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) cache slot of each new token: block * block_size + offset
     max_query_len: int
     max_context_len: int
+    # Optional host-side layout (`AttentionPlan.build`): with it, attention runs per kind of row
+    # (decodes batched together, each prefill on its own) instead of padding every sequence to the
+    # step's longest query and context. Same arithmetic per sequence either way.
+    plan: AttentionPlan | None = field(default=None, compare=False)
 
     @classmethod
     def build(
@@ -95,6 +101,133 @@ class AttentionMetadata:
         )
 
 
+@dataclass
+class AttentionPlan:
+    """Host-side split of a flat batch: the decode rows (one query each) and the prefill chunks.
+
+    decode_tokens (D,): flat index of each decode row's query; decode_blocks (D, nb): their block
+    ids (padded with block 0); decode_context (D,): their context lengths; prefills: per chunk
+    `(first flat token, query length, context length, block ids (nb,))`.
+    """
+
+    decode_tokens: torch.Tensor | None
+    decode_blocks: torch.Tensor | None
+    decode_context: torch.Tensor | None
+    decode_max_context: int
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+    all_decode_in_order: bool  # the batch is only decodes, token i is row i
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> AttentionPlan:
+        dec_rows, dec_tokens, prefills = [], [], []
+        start = 0
+        for i, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens, strict=True)):
+            blocks_needed = -(-ctx_len // block_size)
+            if q_len == 1:
+                dec_rows.append(i)
+                dec_tokens.append(start)
+            else:
+                ids = torch.tensor(block_tables[i][:blocks_needed], dtype=torch.long)
+                prefills.append((start, q_len, ctx_len, ids.to(device, non_blocking=True)))
+            start += q_len
+        if not dec_rows:
+            return cls(None, None, None, 0, prefills, False)
+        ctx = [context_lens[i] for i in dec_rows]
+        width = -(-max(ctx) // block_size)
+        tables = [
+            block_tables[i][:width] + [0] * (width - min(len(block_tables[i]), width))
+            for i in dec_rows
+        ]
+
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        return cls(
+            decode_tokens=tensor(dec_tokens),
+            decode_blocks=tensor(tables),
+            decode_context=tensor(ctx),
+            decode_max_context=max(ctx),
+            prefills=prefills,
+            all_decode_in_order=not prefills,
+        )
+
+
+_workspace = threading.local()
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, slot: int) -> torch.Tensor:
+    """`cache[blocks]` for a `(num_blocks, ...)` cache, into a reused buffer (a fresh large
+    tensor per layer costs more in page faults than the copy itself)."""
+    rows = blocks.numel()
+    per_block = cache[0].numel()
+    need = rows * per_block
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    key = (slot, cache.dtype, cache.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < need:
+        buf = bufs[key] = torch.empty(max(need, 1) * 5 // 4, dtype=cache.dtype, device=cache.device)
+    out = buf[:need].view(rows, per_block)
+    torch.index_select(cache.view(cache.shape[0], per_block), 0, blocks.reshape(-1), out=out)
+    return out.view(*blocks.shape, *cache.shape[1:])
+
+
+def _sdpa(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor):
+    """queries (B, H, Q, hd); keys/values (B, L, n_kv, hd) read in place; visible (B, 1, Q, L).
+
+    torch's fused attention (float32 softmax, GQA without repeating K/V): the reference's
+    arithmetic up to rounding (about 1e-7 relative in float32)."""
+    return F.scaled_dot_product_attention(
+        queries,
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=visible,
+        enable_gqa=keys.shape[2] != queries.shape[1],
+    )
+
+
+def planned_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    """`paged_attention` driven by `meta.plan`: decodes in one batched call over their own
+    longest context, each prefill chunk alone over its own context; no K/V repeated for GQA."""
+    plan = meta.plan
+    T, n_heads, hd = q.shape
+    block_size, n_kv = cache_k.shape[1], cache_k.shape[2]
+    out = q.new_empty(T, n_heads, hd) if not plan.all_decode_in_order else None
+    if plan.decode_tokens is not None:
+        D = plan.decode_tokens.shape[0]
+        qd = q if plan.all_decode_in_order else q.index_select(0, plan.decode_tokens)
+        nb = plan.decode_blocks.shape[1]
+        keys = _gather_blocks(cache_k, plan.decode_blocks, 0).view(D, nb * block_size, n_kv, hd)
+        values = _gather_blocks(cache_v, plan.decode_blocks, 1).view(D, nb * block_size, n_kv, hd)
+        key_pos = torch.arange(nb * block_size, device=q.device)
+        visible = (key_pos[None, :] < plan.decode_context[:, None]).view(D, 1, 1, -1)
+        o = _sdpa(qd.view(D, n_heads, 1, hd), keys, values, visible).view(D, n_heads, hd)
+        if out is None:
+            return o
+        out.index_copy_(0, plan.decode_tokens, o)
+    for start, q_len, ctx_len, blocks in plan.prefills:
+        nb = blocks.shape[0]
+        keys = _gather_blocks(cache_k, blocks, 0).view(1, nb * block_size, n_kv, hd)
+        values = _gather_blocks(cache_v, blocks, 1).view(1, nb * block_size, n_kv, hd)
+        key_pos = torch.arange(nb * block_size, device=q.device)
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        visible = (key_pos[None, :] <= q_pos[:, None]).view(1, 1, q_len, -1)
+        qp = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # (1, H, q_len, hd)
+        o = _sdpa(qp, keys, values, visible)
+        out[start : start + q_len] = o[0].transpose(0, 1)
+    return out
+
+
 def write_kv(
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
@@ -117,8 +250,11 @@ def paged_attention(
     """Causal GQA attention of flat queries `(T, n_heads, hd)` over each sequence's cached keys.
 
     Arithmetic as Meta's reference: `q @ kᵀ / sqrt(hd)` in the model dtype, softmax in float32 cast
-    back, then `@ v`. Sequences are padded to the longest query and context of the step.
+    back, then `@ v`. Sequences are padded to the longest query and context of the step, unless
+    `meta.plan` is given (`planned_attention`: the same arithmetic without that padding).
     """
+    if meta.plan is not None:
+        return planned_attention(q, cache_k, cache_v, meta)
     num_seqs = meta.context_lens.shape[0]
     n_heads, hd = q.shape[1:]
     block_size, n_kv = cache_k.shape[1], cache_k.shape[2]

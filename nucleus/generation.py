@@ -19,19 +19,18 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal, TypedDict
+from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from nucleus.attention import AttentionMetadata, KVCache
+from nucleus.chat_template import ChatTemplate
+from nucleus.hf_tokenizer import HFTokenizer
 from nucleus.model import Transformer
 from nucleus.sampling import sample_top_p
 from nucleus.tokenizer import ChatFormat, Dialog, Message, Tokenizer
-
-Role = Literal["system", "user", "assistant"]
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message"]
 
@@ -76,10 +75,10 @@ class Llama:
 
     @staticmethod
     def build(
-        ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        ckpt_dir: str | None,
+        tokenizer_path: str | None = None,
+        max_seq_len: int = 2048,
+        max_batch_size: int = 4,
         model_parallel_size: int | None = None,
         seed: int = 1,
         *,
@@ -87,11 +86,14 @@ class Llama:
         dtype: torch.dtype | None = None,
         fix_reference_bugs: bool = False,
     ) -> Llama:
-        """Load a Meta checkpoint directory and its tokenizer.
+        """Load a model and its tokenizer.
 
         Args:
-            ckpt_dir: directory with `params.json` and `consolidated.*.pth` (shards are merged).
-            tokenizer_path: the tiktoken `tokenizer.model`.
+            ckpt_dir: a Meta checkpoint directory (`params.json`, `consolidated.*.pth`; shards
+                are merged), a Hugging Face directory, a `.gguf` file, or None for the built-in
+                default model.
+            tokenizer_path: the tokenizer (`tokenizer.model` or `tokenizer.json`); None takes the
+                model's own (for a Meta directory, its `tokenizer.model`).
             max_seq_len: longest prompt plus generation, 1..8192 (more with Llama 3.1 RoPE scaling).
             max_batch_size: most prompts in one `generate` call.
             model_parallel_size: 1 or None; tensor parallelism is not supported yet.
@@ -100,9 +102,7 @@ class Llama:
             dtype: default bf16 on CUDA, float32 on CPU.
             fix_reference_bugs: fix the reference's known bugs (see the module docstring).
         """
-        from nucleus.loaders import build_transformer
-        from nucleus.loaders.errors import CheckpointError
-        from nucleus.loaders.meta import load_meta_checkpoint
+        from nucleus.loaders import build_transformer, load_model_files
 
         _check_int("max_seq_len", max_seq_len, 1)
         _check_int("max_batch_size", max_batch_size, 1)
@@ -113,32 +113,23 @@ class Llama:
                     f"model_parallel_size={model_parallel_size}: tensor parallelism is not "
                     "supported yet; pass 1 or None (shards of a checkpoint are merged on one device)"
                 )
-        if not Path(ckpt_dir).is_dir():
-            raise CheckpointError(f"ckpt_dir {ckpt_dir!r} is not a directory")
-        if not Path(tokenizer_path).is_file():
-            raise FileNotFoundError(f"tokenizer_path {tokenizer_path!r} is not a file")
-
         start = time.time()
         torch.manual_seed(seed)  # once, here; generate continues this stream (1.2 step 5)
-        config, weights = load_meta_checkpoint(ckpt_dir)
+        files = load_model_files(ckpt_dir, tokenizer_path)
+        config = files.config
         limit = config.max_position_embeddings or (
             131072 if config.rope_scaling else REFERENCE_MAX_SEQ_LEN
         )
         if max_seq_len > limit:
             raise ValueError(f"max_seq_len must be <= {limit} for this model, got {max_seq_len}")
-        tokenizer = Tokenizer(model_path=str(tokenizer_path))
-        if config.vocab_size != tokenizer.n_words:
-            raise CheckpointError(
-                f"params.json vocab_size {config.vocab_size} does not match the tokenizer's "
-                f"{tokenizer.n_words} tokens"
-            )
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        model = build_transformer(config, weights, device=device, dtype=dtype)
+        model = build_transformer(config, files.weights, device=device, dtype=dtype)
         print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(
             model,
-            tokenizer,
+            files.tokenizer,
+            chat=files.chat,
             max_seq_len=max_seq_len,
             max_batch_size=max_batch_size,
             fix_reference_bugs=fix_reference_bugs,
@@ -147,15 +138,17 @@ class Llama:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | HFTokenizer,
         *,
+        chat: ChatFormat | ChatTemplate | None = None,
         max_seq_len: int,
         max_batch_size: int,
         fix_reference_bugs: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        # Llama 3 models use Meta's ChatFormat; other models their own chat template.
+        self.formatter = chat or ChatFormat(tokenizer)
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.fix_reference_bugs = fix_reference_bugs
@@ -358,16 +351,7 @@ class Llama:
             logprobs=logprobs,
             echo=echo,
         )
-        if logprobs:
-            return [
-                {
-                    "generation": self.tokenizer.decode(t),
-                    "tokens": [self.tokenizer.decode([x]) for x in t],
-                    "logprobs": logprobs_i,
-                }
-                for t, logprobs_i in zip(generation_tokens, generation_logprobs, strict=True)
-            ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return self._predictions(generation_tokens, generation_logprobs, self.tokenizer.decode)
 
     def chat_completion(
         self,
@@ -388,16 +372,26 @@ class Llama:
             top_p=top_p,
             logprobs=logprobs,
         )
-        if logprobs:
-            return [
-                {
-                    "generation": {"role": "assistant", "content": self.tokenizer.decode(t)},
-                    "tokens": [self.tokenizer.decode([x]) for x in t],
-                    "logprobs": logprobs_i,
-                }
-                for t, logprobs_i in zip(generation_tokens, generation_logprobs, strict=True)
-            ]
+        return self._predictions(
+            generation_tokens,
+            generation_logprobs,
+            lambda t: {"role": "assistant", "content": self.tokenizer.decode(t)},
+        )
+
+    def _predictions(
+        self,
+        tokens: list[list[int]],
+        logprobs: list[list[float]] | None,
+        generation: Callable[[list[int]], str | Message],
+    ) -> list[dict]:
+        """The reference's result dicts: `generation`, plus per-token strings and log-probs."""
+        if logprobs is None:
+            return [{"generation": generation(t)} for t in tokens]
         return [
-            {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
-            for t in generation_tokens
+            {
+                "generation": generation(t),
+                "tokens": [self.tokenizer.decode([x]) for x in t],
+                "logprobs": logprobs_i,
+            }
+            for t, logprobs_i in zip(tokens, logprobs, strict=True)
         ]

@@ -129,6 +129,26 @@ def load_bpe_ranks(model_path: str | os.PathLike[str]) -> dict[bytes, int]:
     return ranks
 
 
+def check_token_ids(t: Sequence[int], n_words: int, caller: str) -> list[int]:
+    """`t` as a list of ints, or a TypeError/ValueError naming the caller, the id and its place."""
+    if isinstance(t, (str, bytes)):
+        raise TypeError(f"{caller}: token ids must be a sequence of ints, got {type(t).__name__}")
+    ids = []
+    for pos, token_id in enumerate(t):
+        try:
+            token_id = operator.index(token_id)  # int, numpy integer; not float
+        except TypeError:
+            raise TypeError(
+                f"{caller}: token ids must be integers, got {token_id!r} at position {pos}"
+            ) from None
+        if not 0 <= token_id < n_words:
+            raise ValueError(
+                f"{caller}: token id {token_id} at position {pos} is outside [0, {n_words})"
+            )
+        ids.append(token_id)
+    return ids
+
+
 class Tokenizer:
     """Tokenizes and encodes/decodes text using the Tiktoken tokenizer, as Meta's Llama 3."""
 
@@ -218,6 +238,11 @@ class Tokenizer:
             t.append(self.eos_id)
         return t
 
+    def encode_prompt(self, s: str) -> list[int]:
+        """A plain-text prompt as the reference's `text_completion` encodes it: BOS, no EOS,
+        special-token text encoded as text."""
+        return self.encode(s, bos=True, eos=False)
+
     def decode(self, t: Sequence[int]) -> str:
         """Decodes a list of token IDs into a string.
 
@@ -248,24 +273,7 @@ class Tokenizer:
         return self.model.decode_single_token_bytes(self._check_ids([token_id], "token_bytes")[0])
 
     def _check_ids(self, t: Sequence[int], caller: str) -> list[int]:
-        if isinstance(t, (str, bytes)):
-            raise TypeError(
-                f"{caller}: token ids must be a sequence of ints, got {type(t).__name__}"
-            )
-        ids = []
-        for pos, token_id in enumerate(t):
-            try:
-                token_id = operator.index(token_id)  # int, numpy integer; not float
-            except TypeError:
-                raise TypeError(
-                    f"{caller}: token ids must be integers, got {token_id!r} at position {pos}"
-                ) from None
-            if not 0 <= token_id < self.n_words:
-                raise ValueError(
-                    f"{caller}: token id {token_id} at position {pos} is outside [0, {self.n_words})"
-                )
-            ids.append(token_id)
-        return ids
+        return check_token_ids(t, self.n_words, caller)
 
 
 class ChatFormat:

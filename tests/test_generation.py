@@ -241,7 +241,7 @@ def test_bad_input_gets_a_clear_error(llama, prompts, kwargs, match):
 
 
 def test_build_errors_are_clear(setup, tokenizer_path, tmp_path):
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         Llama.build(str(tmp_path / "nope"), tokenizer_path, 32, 1)
     with pytest.raises(FileNotFoundError, match="tokenizer_path"):
         Llama.build(str(setup[0]), str(tmp_path / "nope.model"), 32, 1)

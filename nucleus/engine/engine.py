@@ -7,6 +7,7 @@ thin loops over `add_request` / `step` / `abort`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +109,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
-            ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+            ids = self.tokenizer.encode_prompt(prompt)
         else:
             text, ids = None, list(prompt)
         vocab = self.model.config.vocab_size
@@ -146,6 +147,32 @@ class LLMEngine:
         for i in range(len(req.seqs)):
             req.texts[i] += req.detoks[i].flush()
         req.pending = True
+
+    def fail_unfinished(self, message: str, *, waiting_too: bool = False) -> list[RequestOutput]:
+        """After a step raised: end the requests with a running sequence (all unfinished ones with
+        `waiting_too`, or when none was running) with finish_reason "error" and `message`; their
+        blocks go back. Returns their final outputs. Waiting requests otherwise stay queued."""
+        running = {s.request_id for s in self.scheduler.running}
+        if waiting_too or not running:
+            running |= {s.request_id for s in self.scheduler.waiting}
+            running |= {rid for rid, r in self.requests.items() if not r.reported_finished}
+        outputs = []
+        for rid in running:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            for i, seq in enumerate(req.seqs):
+                if not seq.is_finished:
+                    seq.error = message
+                    self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                    with contextlib.suppress(Exception):  # else the text so far stands
+                        req.texts[i] += req.detoks[i].flush()
+            req.pending = False
+            out = self._output(req)
+            req.reported_finished = True
+            del self.requests[rid]
+            outputs.append(out)
+        return outputs
 
     def has_unfinished(self) -> bool:
         return any(not r.reported_finished for r in self.requests.values())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nucleus.attention import AttentionMetadata, KVCache
+from nucleus.attention import AttentionMetadata, AttentionPlan, KVCache
 from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
 from nucleus.model import Transformer
@@ -118,6 +118,13 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             context_lens.append(start + n)
         meta = AttentionMetadata.build(
+            batch.num_tokens,
+            context_lens,
+            [s.block_table for s in batch.seqs],
+            self.block_size,
+            self.device,
+        )
+        meta.plan = AttentionPlan.build(
             batch.num_tokens,
             context_lens,
             [s.block_table for s in batch.seqs],

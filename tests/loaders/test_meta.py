@@ -65,14 +65,14 @@ def test_no_checkpoint_files(tmp_path, weights):
 
 
 def test_missing_params_json(tmp_path):
-    with pytest.raises(CheckpointError, match="no params.json"):
+    with pytest.raises(CheckpointError, match=r"no params\.json"):
         load_meta_checkpoint(tmp_path)
 
 
 def test_params_json_missing_a_key(tmp_path, weights):
     write_meta_checkpoint(tmp_path, LLAMA3, weights)
     (tmp_path / "params.json").write_text('{"dim": 128}')
-    with pytest.raises(CheckpointError, match="params.json: missing required key 'n_heads'"):
+    with pytest.raises(CheckpointError, match=r"params\.json: missing required key 'n_heads'"):
         load_meta_checkpoint(tmp_path)
 
 
@@ -93,5 +93,5 @@ def test_pickled_code_is_refused(tmp_path, weights):
 def test_corrupt_file(tmp_path, weights):
     write_meta_checkpoint(tmp_path, LLAMA3, weights)
     (tmp_path / "consolidated.00.pth").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="consolidated.00.pth"):
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth"):
         load_meta_checkpoint(tmp_path)

@@ -1,0 +1,338 @@
+"""Serving benchmark: time to first token, inter-token latency and requests per second of a
+`nucleus serve` process under concurrent streaming load.
+
+    python bench/serve.py                           # starts a server with the default model
+    python bench/serve.py --concurrency 1,4,16 --requests 32 --max-tokens 32
+    python bench/serve.py --url http://127.0.0.1:8000 --api-key KEY   # an already running one
+    python bench/serve.py --update-docs             # also rewrite its section of docs/benchmarks.md
+
+Each level of concurrency runs `--requests` streaming completions (fixed length: `ignore_eos`,
+`max_tokens`) from that many clients at once. Time to first token (TTFT) is from sending the
+request to the first chunk with text; inter-token latency (ITL) is the gap between successive
+chunks of a stream (the server sends one chunk per engine step, so one token per chunk);
+TPOT is a request's (end - first token) / (tokens - 1). Prints a table and writes JSON
+(default bench/results/serve.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench/serve.py:begin -->", "<!-- bench/serve.py:end -->"
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain why the sky is blue to a child.",
+    "List some good habits for programmers.",
+    "Describe the city of Paris in spring.",
+]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    ok: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    xs = sorted(values)
+
+    def q(p: float) -> float:
+        return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))] * 1000
+
+    return {
+        "mean": statistics.fmean(xs) * 1000,
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+    }
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int):
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return RequestResult(
+                    False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                )
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return RequestResult(False, error=str(chunk["error"]))
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
+    except httpx.HTTPError as exc:
+        return RequestResult(False, error=repr(exc))
+    end = time.perf_counter()
+    if first is None:
+        return RequestResult(False, error="no text")
+    return RequestResult(True, ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+
+
+async def _level(url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int):
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as c:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+        results: list[RequestResult] = []
+
+        async def worker() -> None:
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                results.append(await _one(c, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        duration = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    for r in results:
+        if not r.ok:
+            print(f"  failed: {r.error}", file=sys.stderr)
+    tpots = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=n,
+        ok=len(ok),
+        duration_s=duration,
+        requests_per_s=len(ok) / duration,
+        output_tokens_per_s=sum(r.tokens for r in ok) / duration,
+        ttft_ms=_pcts([r.ttft for r in ok]),
+        itl_ms=_pcts([g for r in ok for g in r.gaps]),
+        tpot_ms=_pcts(tpots),
+        e2e_ms=_pcts([r.e2e for r in ok]),
+    )
+
+
+def _table(levels: list[LevelResult]) -> str:
+    head = (
+        "| clients | requests | ok | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 "
+        "| ITL p50 | ITL p90 | ITL p99 | TPOT mean | e2e p50 |"
+    )
+    rows = [head, "|" + "---|" * 13]
+    for lv in levels:
+        rows.append(
+            f"| {lv.concurrency} | {lv.requests} | {lv.ok} | {lv.requests_per_s:.2f} "
+            f"| {lv.output_tokens_per_s:.1f} | {lv.ttft_ms['p50']:.0f} ms | {lv.ttft_ms['p90']:.0f} ms "
+            f"| {lv.ttft_ms['p99']:.0f} ms | {lv.itl_ms['p50']:.0f} ms | {lv.itl_ms['p90']:.0f} ms "
+            f"| {lv.itl_ms['p99']:.0f} ms | {lv.tpot_ms['mean']:.0f} ms | {lv.e2e_ms['p50']:.0f} ms |"
+        )
+    return "\n".join(rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, Path]:
+    port = _free_port()
+    log = Path(tempfile.mkstemp(prefix="nucleus-bench-serve-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "nucleus.server.serve", "--port", str(port)]
+    cmd += ["--served-model-name", "bench", "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    cmd += args.server_arg
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    sys.exit("server did not start")
+
+
+def _cpu_model() -> str:
+    """The processor's name as `lscpu` gives it (platform's guess where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        if match:
+            return match.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device(server_args: list[str]) -> str:
+    if any("cuda" in a for a in server_args):
+        return f"CUDA (server flags {' '.join(server_args)})"
+    return f"{_cpu_model()} CPU, {os.cpu_count()} cores, {platform.system()}"
+
+
+def _torch_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("torch")
+    except Exception:
+        return "?"
+
+
+def _update_docs(table: str, meta: dict) -> None:
+    section = (
+        f"{BEGIN}\n## Serving: latency and requests/s under load (`bench/serve.py`)\n\n"
+        f"- command: `{meta['command']}`\n"
+        f"- device: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}\n"
+        f"- date: {meta['date']}\n"
+        f"- model: `{meta['model']}`\n\n"
+        f"Each level runs {meta['requests']} streaming `/v1/completions` requests of "
+        f"{meta['max_tokens']} tokens (`ignore_eos`, temperature 0.8) from N concurrent clients "
+        "against a `nucleus serve` process (`python -m nucleus.server.serve`) on the same "
+        "machine. TTFT: request sent to first text chunk; ITL: gap between successive text "
+        "chunks of one stream (one engine step each); TPOT: (last - first token) / (tokens - 1); "
+        "req/s and out tok/s: completed requests and generated tokens over the level's wall "
+        "time. Regenerate with the command above.\n\n"
+        f"{table}\n{END}\n"
+    )
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"  # re-read right before
+    if BEGIN in text and END in text:
+        text = re.sub(
+            re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, text, flags=re.S
+        )
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOCS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="benchmark this running server instead of starting one")
+    p.add_argument("--api-key", default=os.environ.get("NUCLEUS_API_KEY"))
+    p.add_argument("--model", help="model path for the server started here (default: built-in)")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--json", default=str(REPO / "bench" / "results" / "serve.json"))
+    p.add_argument(
+        "--update-docs", action="store_true", help="rewrite the section in docs/benchmarks.md"
+    )
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
+    args = p.parse_args(argv)
+
+    proc = log = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        proc, url, log = _start_server(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        asyncio.run(_level(url, headers, model, 2, 2, 4))  # warm-up
+        levels = []
+        for c in [int(x) for x in args.concurrency.split(",") if x]:
+            n = max(args.requests, c)
+            print(f"concurrency {c}: {n} requests ...", file=sys.stderr, flush=True)
+            levels.append(asyncio.run(_level(url, headers, model, c, n, args.max_tokens)))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    table = _table(levels)
+    print(table)
+    meta = {
+        "model": args.model or "SmolLM2-135M-Instruct (default, GGUF Q4_1 dequantized)",
+        "machine": _device(args.server_arg),
+        "python": platform.python_version(),
+        "torch": _torch_version(),
+        "max_tokens": args.max_tokens,
+        "requests": args.requests,
+        "date": time.strftime("%Y-%m-%d"),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "url": url if args.url else "started here",
+    }
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "levels": [asdict(lv) for lv in levels]}, indent=2))
+    print(f"JSON: {out}", file=sys.stderr)
+    if args.update_docs:
+        _update_docs(table, meta)
+        print(f"updated {DOCS}", file=sys.stderr)
+    if not all(lv.ok == lv.requests for lv in levels):
+        if log is not None:
+            print(f"some requests failed; server log: {log}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

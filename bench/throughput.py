@@ -1,0 +1,241 @@
+"""Offline throughput on the CPU: nucleus `LLM` against `transformers` `generate`, same prompts.
+
+    python bench/throughput.py [--num-requests 64] [--batch-sizes 8,16,32] [--threads 2]
+
+Both run the default model (SmolLM2-135M-Instruct GGUF, dequantized to float32) on the same
+random-token prompts of mixed lengths, each request with its own number of new tokens (EOS
+ignored, so both produce exactly the requested tokens). transformers runs padded batches in
+arrival order at each batch size (each batch generates to its longest request; only requested
+tokens count); its best batch size is the baseline. Also printed: the physical bounds (weight bytes
+per decode step over the measured memory bandwidth; FLOPs per token over the measured GEMM rate).
+A table goes to stdout and JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def measure_bandwidth(mb: int = 512) -> float:
+    """GB/s read by a large tensor copy (bytes read only)."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best / 1e9
+
+
+def measure_gemm(m: int = 64) -> float:
+    """GFLOP/s of a float32 (m x 576) @ (576 x 1536) product, the model's typical shape."""
+    a, w = torch.randn(m, 576), torch.randn(1536, 576)
+    for _ in range(5):
+        torch.nn.functional.linear(a, w)
+    n, t = 50, time.perf_counter()
+    for _ in range(n):
+        torch.nn.functional.linear(a, w)
+    return 2 * m * 576 * 1536 * n / (time.perf_counter() - t) / 1e9
+
+
+def workload(n: int, seed: int, prompt_range, out_range) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(100, 40000) for _ in range(rng.randint(*prompt_range))] for _ in range(n)
+    ]
+    return prompts, [rng.randint(*out_range) for _ in range(n)]
+
+
+def run_nucleus(prompts, outs, args) -> dict:
+    from nucleus.llm import LLM
+    from nucleus.sampling_params import SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(
+        None,
+        device="cpu",
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=1024,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    load = time.perf_counter() - t
+    llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4))  # warm up
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outs]
+    t = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t
+    gen = sum(len(r.outputs[0].token_ids) for r in results)
+    assert gen == sum(outs)
+    stats = llm.engine.stats()
+    return {
+        "engine": "nucleus",
+        "dtype": str(llm.dtype),
+        "load_s": load,
+        "elapsed_s": elapsed,
+        "generated_tokens": gen,
+        "tok_per_s": gen / elapsed,
+        "preemptions": stats["num_preemptions"],
+        "model": llm.model,
+        "first_tokens": [r.outputs[0].token_ids[:8] for r in results],
+    }
+
+
+def run_transformers(prompts, outs, batch_sizes) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    from nucleus.assets import asset_path
+    from nucleus.loaders import DEFAULT_MODEL_ASSET
+
+    path = asset_path(DEFAULT_MODEL_ASSET)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
+    pad = 0
+    rows = []
+    first = None
+    for bs in batch_sizes:
+        t = time.perf_counter()
+        firsts = []
+        for i in range(0, len(prompts), bs):
+            chunk, want = prompts[i : i + bs], outs[i : i + bs]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            n = max(want)
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=None,
+                )
+            firsts += out[:, width : width + 8].tolist()
+        elapsed = time.perf_counter() - t
+        first = first or firsts
+        rows.append(
+            {
+                "engine": f"transformers bs={bs}",
+                "batch_size": bs,
+                "elapsed_s": elapsed,
+                "generated_tokens": sum(outs),
+                "tok_per_s": sum(outs) / elapsed,
+            }
+        )
+        print(f"  transformers batch {bs}: {sum(outs) / elapsed:.1f} tok/s", flush=True)
+    return rows, first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--prompt-len", default="16,256", help="min,max prompt tokens")
+    ap.add_argument("--output-len", default="16,128", help="min,max new tokens")
+    ap.add_argument("--batch-sizes", default="8,16,32", help="transformers batch sizes")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompt_range = tuple(map(int, args.prompt_len.split(",")))
+    out_range = tuple(map(int, args.output_len.split(",")))
+    prompts, outs = workload(args.num_requests, args.seed, prompt_range, out_range)
+    bw, gemm = measure_bandwidth(), measure_gemm()
+    print(
+        f"device: {cpu_name()}, {torch.get_num_threads()} threads; copy bandwidth "
+        f"{bw:.1f} GB/s; fp32 GEMM (64x576x1536) {gemm:.1f} GFLOP/s",
+        flush=True,
+    )
+    ours = run_nucleus(prompts, outs, args)
+    model = ours.pop("model")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 2 * params  # every weight once per token (the tied head included)
+    del model
+    print(f"  nucleus: {ours['tok_per_s']:.1f} tok/s", flush=True)
+    hf_rows, hf_first = ([], None)
+    if not args.skip_transformers:
+        hf_rows, hf_first = run_transformers(
+            prompts, outs, [int(b) for b in args.batch_sizes.split(",")]
+        )
+    best = max(hf_rows, key=lambda r: r["tok_per_s"]) if hf_rows else None
+    first_tokens = ours.pop("first_tokens")
+    agree = None
+    if hf_first is not None:
+        agree = sum(a == b for a, b in zip(first_tokens, hf_first, strict=True)) / len(hf_first)
+    step_s = weight_bytes / (bw * 1e9)
+    bounds = {
+        "weight_bytes": weight_bytes,
+        "bandwidth_GBps": bw,
+        "decode_step_s_at_bandwidth": step_s,
+        "batch1_tok_per_s_at_bandwidth": 1 / step_s,
+        "gemm_GFLOPps": gemm,
+        "flops_per_token": flops_per_token,
+        "tok_per_s_at_gemm_rate": gemm * 1e9 / flops_per_token,
+    }
+    print()
+    print("| engine | tok/s | elapsed s | vs best transformers |")
+    print("|---|---|---|---|")
+    for r in [ours, *hf_rows]:
+        ratio = f"{r['tok_per_s'] / best['tok_per_s']:.2f}x" if best else "-"
+        print(f"| {r['engine']} | {r['tok_per_s']:.1f} | {r['elapsed_s']:.1f} | {ratio} |")
+    print(
+        f"\nrequests {len(prompts)}, prompt tokens {sum(map(len, prompts))}, new tokens "
+        f"{sum(outs)}; first-8-token greedy agreement with transformers: {agree}"
+    )
+    print(
+        f"bounds: {weight_bytes / 1e6:.0f} MB weights / {bw:.1f} GB/s = {step_s * 1e3:.1f} ms "
+        f"per decode step ({1 / step_s:.0f} tok/s at batch 1, x batch size above); "
+        f"compute: {flops_per_token / 1e6:.0f} MFLOP/token at {gemm:.0f} GFLOP/s = "
+        f"{bounds['tok_per_s_at_gemm_rate']:.0f} tok/s at any batch size"
+    )
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "nucleus": ours,
+        "transformers": hf_rows,
+        "speedup_vs_best_transformers": ours["tok_per_s"] / best["tok_per_s"] if best else None,
+        "greedy_first8_agreement": agree,
+        "bounds": bounds,
+    }
+    out = Path(
+        args.out or Path(__file__).parent / "results" / f"throughput-{int(time.time())}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

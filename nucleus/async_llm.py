@@ -1,0 +1,342 @@
+"""`nucleus.AsyncLLM`: async streaming generation over the engine, for the server.
+
+The engine is not thread-safe and its steps block, so it lives in one background thread (the
+"engine thread") that owns it: `generate` and `abort`, called on the event loop, only queue
+commands for that thread, and the thread hands each step's outputs back to the event loop with
+`call_soon_threadsafe`. The event loop never runs model code and stays responsive.
+
+Each request streams cumulative `RequestOutput`s (text and token ids so far); the last one has
+`finished=True`. A consumer slower than the engine sees only the newest output (intermediate
+ones are skipped, never the final one).
+
+Failure handling (one request never takes the others down):
+- a request the engine refuses when it is added (prompt too long, token ids out of range, ...)
+  ends alone: its stream yields one final output with `finish_reason == "error"` and the message
+  in `outputs[i].error`;
+- a sequence whose logits go NaN/inf ends the same way (the engine detects it per row);
+- an exception raised inside an engine step fails the requests that were running in that step
+  (finish_reason "error", the exception's message) and frees their KV blocks; waiting requests are
+  kept and the loop goes on serving. If nothing was running, the waiting requests are failed too,
+  so that a request that breaks scheduling cannot wedge the loop. The traceback is logged.
+- if the engine thread itself dies (a bug outside a step), every open stream ends with an error
+  and new requests raise `EngineDeadError`.
+
+`max_waiting` bounds the requests queued and not yet running: beyond it `generate` raises
+`QueueFull` at once (the server answers 503). `shutdown()` aborts every request (their streams end
+with finish_reason "abort") and stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nucleus.engine.engine import LLMEngine
+from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nucleus.sampling_params import SamplingParams
+
+logger = logging.getLogger("nucleus.async_llm")
+
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFull"]
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than `max_waiting` allows: try again later (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (shut down, or died of an error)."""
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+
+def error_output(
+    request_id: str, prompt: str | list[int], params: SamplingParams, message: str
+) -> RequestOutput:
+    """A final output for a request that failed before (or without) producing tokens."""
+    text = prompt if isinstance(prompt, str) else None
+    ids = [] if isinstance(prompt, str) else list(prompt)
+    return RequestOutput(
+        request_id=request_id,
+        prompt=text,
+        prompt_token_ids=ids,
+        outputs=[
+            CompletionOutput(index=i, finish_reason="error", error=message) for i in range(params.n)
+        ],
+        finished=True,
+        metrics=RequestMetrics(arrival_time=0.0),
+    )
+
+
+class AsyncLLM:
+    """Streaming generation with the engine loop in a background thread.
+
+    Build it like `nucleus.LLM` (`AsyncLLM(model, device=..., dtype=..., **engine_options)`), or
+    around an existing engine with `AsyncLLM.from_engine`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        tokenizer: str | Path | None = None,
+        max_waiting: int | None = None,
+        seed: int | None = None,
+        num_threads: int | None = None,
+        **engine_options: Any,
+    ) -> None:
+        from nucleus.llm import LLM
+
+        llm = LLM(
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            seed=seed,
+            num_threads=num_threads,
+            **engine_options,
+        )
+        self._setup(llm.engine, llm.chat_format, llm.model_name, max_waiting)
+
+    @classmethod
+    def from_engine(
+        cls,
+        engine: LLMEngine,
+        *,
+        chat_format: Any = None,
+        model_name: str = "model",
+        max_waiting: int | None = None,
+    ) -> AsyncLLM:
+        self = cls.__new__(cls)
+        self._setup(engine, chat_format, model_name, max_waiting)
+        return self
+
+    @classmethod
+    def from_llm(cls, llm: Any, *, max_waiting: int | None = None) -> AsyncLLM:
+        """Serve the engine of an offline `LLM` (which must not be used offline meanwhile)."""
+        return cls.from_engine(
+            llm.engine,
+            chat_format=llm.chat_format,
+            model_name=llm.model_name,
+            max_waiting=max_waiting,
+        )
+
+    def _setup(
+        self, engine: LLMEngine, chat_format: Any, model_name: str, max_waiting: int | None
+    ) -> None:
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0 or None")
+        self.engine = engine
+        self.chat_format = chat_format
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+        self._streams: dict[str, _Stream] = {}
+        self._commands: list[tuple[str, Any]] = []
+        self._num_pending_adds = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self.num_step_errors = 0
+        self._thread = threading.Thread(target=self._run, name="nucleus-engine", daemon=True)
+        self._thread.start()
+
+    # ---- what the server reads --------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.chat_format is None:
+            raise ValueError("this model has no chat format")
+        return list(self.chat_format.encode_dialog_prompt(messages))
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot (read without stopping the engine thread, so only roughly consistent)."""
+        s = self.engine.stats()
+        running = {seq.request_id for seq in list(self.engine.scheduler.running)}
+        waiting = {seq.request_id for seq in list(self.engine.scheduler.waiting)} - running
+        return {
+            "running": len(running),
+            "waiting": len(waiting) + self._num_pending_adds,
+            "kv_cache_usage": s["kv_cache_usage"],
+            "num_requests": len(self._streams),
+            "num_preemptions": s["num_preemptions"],
+            "prefix_cache_queries": s["prefix_cache_queries"],
+            "prefix_cache_hits": s["prefix_cache_hits"],
+            "generation_tokens": s["generation_tokens"],
+            "prompt_tokens": s["prompt_tokens"],
+            "step_errors": self.num_step_errors,
+            "alive": self._thread.is_alive(),
+        }
+
+    def _num_waiting(self) -> int:
+        waiting = {seq.request_id for seq in list(self.engine.scheduler.waiting)}
+        return len(waiting) + self._num_pending_adds
+
+    # ---- requests ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Start a request; returns an async iterator of its cumulative outputs.
+
+        Call it from a coroutine. Raises at once (not at the first iteration) `QueueFull` when
+        `max_waiting` requests are already waiting, `ValueError` for a request id in use, and
+        `EngineDeadError` after `shutdown` or if the engine thread died. Everything else that goes
+        wrong with the request ends its stream with finish_reason "error". Leaving the iteration
+        early (a client gone) aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        if self._dead is not None or self._stopping or not self._thread.is_alive():
+            raise EngineDeadError(
+                "the engine is not running"
+                + (f": {self._dead!r}" if self._dead is not None else " (shut down)")
+            )
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if self.max_waiting is not None and self._num_waiting() >= self.max_waiting:
+            raise QueueFull(f"{self.max_waiting} requests are already waiting: try again later")
+        stream = _Stream(request_id, loop)
+        self._streams[request_id] = stream
+        prompt = prompt if isinstance(prompt, str) else list(prompt)
+        with self._cv:
+            self._num_pending_adds += 1
+            self._commands.append(("add", (request_id, prompt, params)))
+            self._cv.notify()
+        return self._iterate(stream)
+
+    async def _iterate(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                out = await stream.queue.get()
+                while not out.finished and not stream.queue.empty():
+                    out = stream.queue.get_nowait()  # a slow consumer gets the newest output
+                if out.finished:
+                    stream.finished = True
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request: its stream ends with finish_reason "abort" (no-op if unknown)."""
+        with self._cv:
+            self._commands.append(("abort", request_id))
+            self._cv.notify()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort every request (streams end with "abort"), then stop the engine thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # the consumer left; its abort is on its way
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            except RuntimeError:  # the event loop is closed
+                self._streams.pop(out.request_id, None)
+
+    def _apply(self, commands: list[tuple[str, Any]]) -> None:
+        engine = self.engine
+        for kind, arg in commands:
+            if kind == "add":
+                request_id, prompt, params = arg
+                with self._cv:
+                    self._num_pending_adds -= 1
+                try:
+                    engine.add_request(request_id, prompt, params)
+                except Exception as e:  # refused: this request alone ends with the error
+                    self._deliver([error_output(request_id, prompt, params, str(e))])
+            elif kind == "abort":
+                engine.abort(arg)
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cv:
+                    while not (self._commands or self._stopping or engine.has_unfinished()):
+                        self._cv.wait()
+                    commands, self._commands = self._commands, []
+                    stopping = self._stopping
+                self._apply(commands)
+                if stopping:
+                    self._drain()
+                    return
+                if not engine.has_unfinished():
+                    continue
+                try:
+                    outputs = engine.step()
+                except Exception as e:
+                    self.num_step_errors += 1
+                    logger.exception("engine step failed; failing the running requests")
+                    outputs = engine.fail_unfinished(f"engine step failed: {e!r}")
+                self._deliver(outputs)
+        except BaseException as e:  # a bug outside a step: end every stream, refuse new work
+            self._dead = e
+            logger.exception("the engine thread died")
+            for rid, stream in list(self._streams.items()):
+                with contextlib.suppress(RuntimeError):
+                    stream.loop.call_soon_threadsafe(
+                        stream.queue.put_nowait,
+                        error_output(rid, [], SamplingParams(), f"engine thread died: {e!r}"),
+                    )
+            raise
+
+    def _drain(self) -> None:
+        """At shutdown: abort everything still known, and report it."""
+        engine = self.engine
+        with self._cv:
+            commands, self._commands = self._commands, []
+        self._apply(commands)
+        for rid in list(engine.requests):
+            engine.abort(rid)
+        for _ in range(3):
+            if not engine.has_unfinished():
+                break
+            try:
+                self._deliver(engine.step())
+            except Exception:
+                self._deliver(engine.fail_unfinished("engine shut down", waiting_too=True))

@@ -1,0 +1,268 @@
+"""`nucleus.LLM`: offline batch generation, the API vLLM users know.
+
+    llm = LLM()                                     # the built-in default model
+    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+
+A thin loop over `LLMEngine`: every prompt is added at once, the engine's continuous batching runs
+them to completion, and the outputs come back in prompt order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nucleus.engine.engine import EngineConfig, LLMEngine
+from nucleus.outputs import RequestOutput
+from nucleus.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        from nucleus.generation import default_device
+
+        return default_device()
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto": bf16 on CUDA (fp16 without bf16), float32 on the CPU.
+
+    On the CPU float32 is the fastest correct choice where the processor lacks native bf16
+    arithmetic (AVX512-BF16/AMX): bf16 weights are then widened on every use, which costs more
+    than the bandwidth it saves (measured in `docs/benchmarks.md`).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)} or 'auto'"
+        ) from None
+
+
+def is_token_ids(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def normalize_prompts(prompts: PromptType | Sequence[PromptType]) -> list[str | list[int]]:
+    """One prompt or a list of them; each a string, a list of token ids, or a vLLM-style dict
+    (`{"prompt": str}` or `{"prompt_token_ids": list[int]}`)."""
+
+    def one(p: object) -> str | list[int]:
+        if isinstance(p, str):
+            return p
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                ids = list(p["prompt_token_ids"])
+                if not is_token_ids(ids):
+                    raise TypeError("prompt_token_ids must be a list of ints")
+                return ids
+            if isinstance(p.get("prompt"), str):
+                return p["prompt"]
+            raise TypeError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list[int])")
+        if isinstance(p, (list, tuple)) and is_token_ids(list(p)):
+            return list(p)
+        raise TypeError(f"a prompt is a str, a list of token ids or a dict, got {type(p).__name__}")
+
+    if isinstance(prompts, (str, dict)):
+        return [one(prompts)]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and is_token_ids(list(prompts)):
+            return [list(prompts)]  # a single prompt of token ids
+        return [one(p) for p in prompts]
+    raise TypeError("prompts must be a str, a list of token ids, or a list of prompts")
+
+
+def expand_params(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{len(params)} SamplingParams for {n} prompts: give one, or one each")
+    if not all(isinstance(p, SamplingParams) for p in params):
+        raise TypeError("sampling_params must be SamplingParams")
+    return params
+
+
+class LLM:
+    """Offline generation over the paged-KV engine.
+
+    Args:
+        model: a `.gguf` file, a Meta checkpoint directory, a Hugging Face directory, or None for
+            the built-in default model (SmolLM2-135M-Instruct).
+        device: "cpu", "cuda", ... (default: CUDA when available).
+        dtype: "float32" for exactness, "bfloat16", "float16", or None/"auto" (bf16 on CUDA,
+            float32 on the CPU: the fastest correct choice there, see `resolve_dtype`).
+        tokenizer: a tokenizer file overriding the model's own.
+        seed: seeds the default generator that unseeded sampled requests draw from.
+        num_threads: CPU threads for torch (default: torch's own choice).
+        **engine_options: `EngineConfig` fields: `block_size`, `num_kv_blocks`, `max_num_seqs`,
+            `max_num_batched_tokens`, `max_model_len`, `enable_prefix_caching`, `kv_dtype`,
+            `memory_fraction`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        tokenizer: str | Path | None = None,
+        seed: int | None = None,
+        num_threads: int | None = None,
+        **engine_options: Any,
+    ) -> None:
+        from nucleus.loaders import build_transformer, load_model_files
+
+        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown LLM options: {sorted(unknown)}")
+        if isinstance(engine_options.get("kv_dtype"), str):
+            engine_options["kv_dtype"] = resolve_dtype(
+                engine_options["kv_dtype"], torch.device("cpu")
+            )
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        files = load_model_files(model, tokenizer_path=tokenizer)
+        self.model_name = files.name
+        self.chat_format = files.chat
+        self.tokenizer = files.tokenizer
+        self.model = build_transformer(
+            files.config, files.weights, device=self.device, dtype=self.dtype
+        )
+        del files
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_options))
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine, chat_format: Any = None, name: str = "model") -> LLM:
+        """Wrap an engine built elsewhere (tests, custom models)."""
+        self = cls.__new__(cls)
+        self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
+        self.chat_format, self.model_name = chat_format, name
+        weight = engine.model.tok_embeddings.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self._ids = itertools.count()
+        return self
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; one `RequestOutput` per prompt, in prompt order.
+
+        `prompts`: a string, a list of token ids, a vLLM-style dict, or a list of those.
+        `sampling_params`: one for all, or one per prompt (default `SamplingParams()`).
+        A prompt the engine refuses (too long, ids out of range) raises before anything runs.
+        """
+        items = normalize_prompts(prompts)
+        params = expand_params(sampling_params, len(items))
+        return self._run(items, params, use_tqdm=use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | Sequence[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Chat completions: one conversation (a list of `{"role", "content"}` dicts) or a list of
+        conversations, formatted with the model's chat format and ended with the assistant
+        header."""
+        if self.chat_format is None:
+            raise ValueError("this model has no chat format")
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError("messages must be a conversation or a list of conversations")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        items = [self.encode_chat(list(c)) for c in conversations]
+        params = expand_params(sampling_params, len(items))
+        return self._run(items, params, use_tqdm=use_tqdm)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.chat_format.encode_dialog_prompt(messages))
+
+    def _run(
+        self, items: list[str | list[int]], params: list[SamplingParams], *, use_tqdm: bool
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [f"llm-{next(self._ids)}" for _ in items]
+        added = []
+        try:
+            for rid, prompt, p in zip(ids, items, params, strict=True):
+                engine.add_request(rid, prompt, p)
+                added.append(rid)
+        except Exception:
+            for rid in added:  # all or nothing: leave the engine as it was
+                engine.abort(rid)
+            while engine.has_unfinished():
+                engine.step()
+            raise
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="requests", unit="req")
+        final: dict[str, RequestOutput] = {}
+        try:
+            wanted = set(ids)
+            while len(final) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                engine.abort(rid)
+            while engine.has_unfinished():
+                engine.step()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[rid] for rid in ids]

@@ -1,0 +1,231 @@
+"""`nucleus serve`: the OpenAI-compatible server in a process of its own.
+
+    python -m nucleus.server.serve [--model PATH] [--host 127.0.0.1] [--port 8000]
+        [--api-key KEY | env NUCLEUS_API_KEY] [--served-model-name NAME] [--max-waiting N]
+        [--device DEV] [--dtype DTYPE] [--max-model-len N] [--max-num-seqs N]
+
+Binds to 127.0.0.1 unless told otherwise and logs one line per request. SIGTERM (or Ctrl-C)
+shuts down gracefully: the listening socket closes, new requests on open connections get 503,
+in-flight requests run to their end for up to `--shutdown-timeout` seconds and are then aborted
+(their streams end with finish_reason "abort" and `data: [DONE]`, their KV blocks are freed), the
+engine thread stops, and the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import uvicorn
+
+from nucleus.server.app import DEFAULT_MAX_WAITING, build_app
+
+__all__ = ["add_serve_arguments", "build_engine", "main", "run_server"]
+
+logger = logging.getLogger("nucleus.server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `nucleus serve`, defined once (the CLI and `python -m` both use them)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model path (a GGUF file, a Hugging Face or Meta checkpoint directory); "
+        "default: the built-in SmolLM2-135M-Instruct",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("NUCLEUS_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NUCLEUS_API_KEY)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients ask for (default: the engine's model name)",
+    )
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=DEFAULT_MAX_WAITING,
+        help=f"requests allowed to wait for the engine; more get 503 (default {DEFAULT_MAX_WAITING})",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may run on after SIGTERM before they are aborted",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype (default auto: bfloat16 on CUDA, float32 elsewhere)",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="a tokenizer file to use instead of the model's own"
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="most sequences the engine runs in one batch (default: the engine's)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+    return parser
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """The `AsyncLLM` for the flags (the model is loaded here, before the port is bound)."""
+    from nucleus.async_llm import AsyncLLM
+
+    kwargs: dict[str, Any] = {}
+    for name in ("max_model_len", "dtype", "tokenizer", "max_num_seqs"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    return AsyncLLM(
+        getattr(args, "model", None),
+        device=getattr(args, "device", None),
+        **kwargs,
+    )
+
+
+# After the shutdown timeout the requests still in flight are aborted; their streams then end
+# cleanly (finish_reason "abort", `data: [DONE]`). uvicorn cancels whatever still runs this many
+# seconds later (an engine step in progress must end before an abort takes effect).
+_ABORT_GRACE_S = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app to turn new requests away as soon as a signal comes, and
+    aborting the requests still running when the shutdown timeout is up."""
+
+    def __init__(self, config: uvicorn.Config, app_state: Any, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self._app_state = app_state
+        self._shutdown_timeout = shutdown_timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._app_state.draining = True
+        if not self.should_exit:
+            logger.info("received signal %d: shutting down gracefully", sig)
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        self._app_state.draining = True
+        aborter = asyncio.create_task(self._abort_after(self._shutdown_timeout))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            aborter.cancel()
+
+    async def _abort_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        n = self._app_state.abort_all()
+        if n:
+            logger.warning(
+                "shutdown timeout (%.0fs) reached: aborting %d request(s) still running", delay, n
+            )
+
+
+async def _shutdown_engine(engine: Any) -> None:
+    for name in ("shutdown", "close", "stop"):
+        method = getattr(engine, name, None)
+        if callable(method):
+            try:
+                if inspect.iscoroutinefunction(method):
+                    await method()
+                else:  # AsyncLLM.shutdown joins its engine thread: not on the event loop
+                    await asyncio.to_thread(method)
+            except Exception:
+                logger.exception("engine.%s() failed", name)
+            return
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    logger.info("loading the model (%s)", args.model or "the built-in default")
+    engine = build_engine(args)  # nothing else runs yet; SIGTERM here simply ends the process
+    logger.info(
+        "model %s loaded in %.1fs (context %d tokens)",
+        getattr(engine, "model_name", "?"),
+        time.perf_counter() - start,
+        engine.max_model_len,
+    )
+    app = build_app(
+        engine,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,  # our own middleware logs one line per request
+        timeout_graceful_shutdown=args.shutdown_timeout + _ABORT_GRACE_S,
+        lifespan="on",
+    )
+    server = _Server(config, app.state.nucleus, args.shutdown_timeout)
+    # uvicorn re-raises the signal it caught once it has shut down, with the handler that was
+    # installed before it started: make that one a no-op so a graceful shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        await server.serve()
+    finally:
+        await _shutdown_engine(engine)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("nucleus")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; returns the process exit status."""
+    _setup_logging(getattr(args, "log_level", "info"))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    logger.info("server stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nucleus serve", description="OpenAI-compatible server over the nucleus engine."
+    )
+    add_serve_arguments(parser)
+    return run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
