@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from nucleus.assets import asset_path
 from nucleus.chat_template import ChatTemplate
@@ -52,7 +54,17 @@ def build_transformer(
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
     state = {}
-    for name, shape in expected.items():
+    # Reading memory-mapped Meta/HF weights and converting them is where loading spends its time.
+    progress = tqdm(
+        expected.items(),
+        desc="placing weights",
+        unit="tensor",
+        file=sys.stderr,
+        delay=1.0,  # shown only when it takes more than a second
+        leave=False,
+        disable=None,  # and only on a terminal
+    )
+    for name, shape in progress:
         tensor = weights[name]
         if tensor.shape != shape:
             raise CheckpointError(
