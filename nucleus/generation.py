@@ -4,6 +4,8 @@ Same arguments, defaults, return shapes and semantics as `llama/generation.py` o
 including the same sampled tokens for the same seed: the global torch generator is seeded once in
 `build` and each decode step makes one `(B, V)` draw for every row. `reference-semantics.md` in the
 project's shared notes states that behaviour fact by fact; the comments below cite its sections.
+The loop runs on the engine's machinery: each row is an engine `Sequence` holding KV blocks from a
+`BlockManager`, and the `ModelRunner` runs the model (with the reference's attention arithmetic).
 
 The reference's known bugs (its section 8.2) are kept by default. `fix_reference_bugs=True` fixes:
 - the log-probabilities of the `min_prompt_len == total_len` path (aligned like the loop's, and
@@ -25,14 +27,21 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 
-from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.chat_template import ChatTemplate
+from nucleus.engine.block_manager import BlockManager
+from nucleus.engine.runner import ModelRunner
+from nucleus.engine.sequence import Sequence as EngineSequence
 from nucleus.hf_tokenizer import HFTokenizer
 from nucleus.model import Transformer
 from nucleus.sampling import sample_top_p
+from nucleus.sampling_params import SamplingParams
 from nucleus.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message"]
+
+BLOCK_SIZE = 16
+# The reference loop samples by itself; the engine sequences it drives carry no parameters of use.
+_UNUSED_PARAMS = SamplingParams()
 
 # `llama3`'s `Llama.build` asserts `max_seq_len <= 8192`; models with Llama 3.1 RoPE scaling go on.
 REFERENCE_MAX_SEQ_LEN = 8192
@@ -195,26 +204,20 @@ class Llama:
         if not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1:
             raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
 
-    def _forward(
-        self, tokens: torch.Tensor, kv: KVCache, start: int, end: int, all_logits: bool
+    def _logits(
+        self,
+        runner: ModelRunner,
+        rows: list[EngineSequence],
+        start: int,
+        end: int,
+        all_logits: bool,
     ) -> torch.Tensor:
-        """Logits `(B, end-start or 1, V)` for columns `[start, end)` of every row; row i's cache
-        is block i of `kv`, so a cache slot is `i * block_size + position`."""
-        batch, block_size = tokens.shape[0], kv.block_size
-        device = tokens.device
-        positions = torch.arange(start, end, device=device)
-        rows = torch.arange(batch, device=device)
-        meta = AttentionMetadata(
-            query_start=rows.new_tensor(range(0, batch * (end - start) + 1, end - start)),
-            context_lens=torch.full((batch,), end, device=device),
-            block_tables=rows.unsqueeze(1),
-            slot_mapping=(rows.unsqueeze(1) * block_size + positions).reshape(-1),
-            max_query_len=end - start,
-            max_context_len=end,
-        )
-        hidden = self.model(
-            tokens[:, start:end].reshape(-1), positions.repeat(batch), kv, meta
-        ).view(batch, end - start, -1)
+        """Logits `(B, end-start or 1, V)` of columns `[start, end)` of every row, through the
+        engine's runner with the reference's attention arithmetic."""
+        bsz = len(rows)
+        hidden = runner.forward(
+            rows, [start] * bsz, [end - start] * bsz, exact_attention=True
+        ).view(bsz, end - start, -1)
         if not all_logits:
             hidden = hidden[:, -1:]
         return self.model.compute_logits(hidden)
@@ -256,9 +259,17 @@ class Llama:
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
-        kv = KVCache.allocate(
-            self.model.config, bsz, total_len, self.model.lm_head_weight.dtype, device
+        # Each row is an engine sequence with KV blocks for `total_len` tokens, from a pool sized
+        # for this call (not `max_batch_size x max_seq_len` up front, as the reference does).
+        rows = [
+            EngineSequence(f"row-{i}", list(t), _UNUSED_PARAMS) for i, t in enumerate(prompt_tokens)
+        ]
+        pool = BlockManager(
+            bsz * -(-total_len // BLOCK_SIZE), BLOCK_SIZE, enable_prefix_caching=False
         )
+        runner = ModelRunner(self.model, num_kv_blocks=pool.num_blocks, block_size=BLOCK_SIZE)
+        for seq in rows:
+            pool.allocate(seq, total_len)
 
         prev_pos = 0
         eos_reached = torch.tensor([False] * bsz, device=device)
@@ -269,7 +280,7 @@ class Llama:
             [min(n + max_gen_len, total_len) for n in prompt_lens], device=device
         )
         if min_prompt_len == total_len and logprobs:  # unused otherwise; draws no RNG
-            logits = self._forward(tokens, kv, 0, total_len, all_logits=True)
+            logits = self._logits(runner, rows, 0, total_len, all_logits=True)
             if fix:  # aligned as the loop aligns them: position 0 has no prediction
                 token_logprobs[:, 1:] = -F.cross_entropy(
                     logits[:, :-1].transpose(1, 2),
@@ -284,7 +295,7 @@ class Llama:
 
         stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self._forward(tokens, kv, prev_pos, cur_pos, all_logits=logprobs)
+            logits = self._logits(runner, rows, prev_pos, cur_pos, all_logits=logprobs)
             if temperature > 0:
                 probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
                 next_token = sample_top_p(probs, top_p)
@@ -293,6 +304,9 @@ class Llama:
             next_token = next_token.reshape(-1)
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
+            for seq, token in zip(rows, next_token.tolist(), strict=True):
+                if seq.num_tokens == cur_pos:  # a generated column: the row's sequence grows
+                    seq.token_ids.append(token)
             if logprobs:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2),
@@ -306,6 +320,8 @@ class Llama:
             if all(done):
                 break
 
+        for seq in rows:
+            pool.free(seq)
         if logprobs:
             token_logprobs = token_logprobs.tolist()
         out_tokens, out_logprobs = [], []

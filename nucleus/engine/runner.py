@@ -109,35 +109,47 @@ class ModelRunner:
         return [*(() if p.ignore_eos else self.stop_token_ids), *(p.stop_token_ids or ())]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def forward(
+        self,
+        seqs: list[Sequence],
+        starts: list[int],
+        num_tokens: list[int],
+        *,
+        exact_attention: bool = False,
+    ) -> torch.Tensor:
+        """Hidden states `(T, dim)` of tokens `token_ids[start : start + n]` of each sequence, in
+        order, their K/V written through each sequence's block table.
+
+        The engine plans attention per kind of row (decodes batched, each prefill chunk alone);
+        `exact_attention` pads every row instead and keeps the reference's arithmetic
+        (`nucleus.attention.paged_attention`), which `nucleus.Llama` needs for seed-for-seed results.
+        """
         ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
-        for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens, strict=True):
+        for seq, start, n in zip(seqs, starts, num_tokens, strict=True):
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             context_lens.append(start + n)
+        tables = [s.block_table for s in seqs]
         meta = AttentionMetadata.build(
-            batch.num_tokens,
-            context_lens,
-            [s.block_table for s in batch.seqs],
-            self.block_size,
-            self.device,
+            num_tokens, context_lens, tables, self.block_size, self.device
         )
-        meta.plan = AttentionPlan.build(
-            batch.num_tokens,
-            context_lens,
-            [s.block_table for s in batch.seqs],
-            self.block_size,
-            self.device,
-        )
-        dev = self.device
-        hidden = self.model.forward(
-            torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
+        if not exact_attention:
+            meta.plan = AttentionPlan.build(
+                num_tokens, context_lens, tables, self.block_size, self.device
+            )
+        return self.model.forward(
+            torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
+            torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
             self.kv,
             meta,
         )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        dev = self.device
+        hidden = self.forward(batch.seqs, batch.starts, batch.num_tokens)
         ends = [start for start in _cumsum(batch.num_tokens)[1:]]
         rows = [i for i, need in enumerate(batch.needs_sample) if need]
         result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))

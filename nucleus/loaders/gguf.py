@@ -123,15 +123,21 @@ def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat((g & 0x0F, g >> 4), dim=2).reshape(-1, 8, 32)
 
 
+def _k_sub_block_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K header (f16 d, f16 dmin, 12 bytes of 6-bit scales/mins) -> per sub-block
+    `d * scale` and `dmin * min`, each `(n, 8, 1)`."""
+    n = raw.shape[0]
+    sc, mn = _k_scales_mins(raw[:, 4:16])
+    scale = (_f16(raw[:, 0:2]) * sc.float()).reshape(n, 8, 1)
+    minimum = (_f16(raw[:, 2:4]) * mn.float()).reshape(n, 8, 1)
+    return scale, minimum
+
+
 def _deq_q4_k(raw: torch.Tensor) -> torch.Tensor:
     # super-block of 256: f16 d, f16 dmin, 12 bytes of scales/mins, 128 bytes of 4-bit quants;
     # sub-block s (32 values): x = (d * sc[s]) * q - dmin * m[s]
     n = raw.shape[0]
-    d = _f16(raw[:, 0:2])
-    dmin = _f16(raw[:, 2:4])
-    sc, mn = _k_scales_mins(raw[:, 4:16])
-    scale = (d * sc.float()).reshape(n, 8, 1)
-    minimum = (dmin * mn.float()).reshape(n, 8, 1)
+    scale, minimum = _k_sub_block_scales(raw)
     q = _k_low_nibbles(raw[:, 16:144]).float()
     return (scale * q - minimum).reshape(n, 256)
 
@@ -143,11 +149,7 @@ def _deq_q5_k(raw: torch.Tensor) -> torch.Tensor:
     # super-block of 256: f16 d, f16 dmin, 12 bytes of scales/mins, 32 bytes of high bits,
     # 128 bytes of low nibbles; bit s of high-bit byte l is bit 4 of value l of sub-block s.
     n = raw.shape[0]
-    d = _f16(raw[:, 0:2])
-    dmin = _f16(raw[:, 2:4])
-    sc, mn = _k_scales_mins(raw[:, 4:16])
-    scale = (d * sc.float()).reshape(n, 8, 1)
-    minimum = (dmin * mn.float()).reshape(n, 8, 1)
+    scale, minimum = _k_sub_block_scales(raw)
     high = (raw[:, 16:48].reshape(n, 1, 32) >> _BIT_SHIFTS_8) & 1
     q = (_k_low_nibbles(raw[:, 48:176]) | (high << 4)).float()
     return (scale * q - minimum).reshape(n, 256)
