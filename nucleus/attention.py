@@ -76,8 +76,11 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str,
+        *,
+        planned: bool = False,
     ) -> AttentionMetadata:
-        """From plain lists: query tokens are the last `query_lens[i]` of `context_lens[i]`."""
+        """From plain lists: query tokens are the last `query_lens[i]` of `context_lens[i]`.
+        `planned` adds the `AttentionPlan` (the engine's layout; see `plan`)."""
         slots: list[int] = []
         for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables, strict=True):
             for pos in range(ctx_len - q_len, ctx_len):
@@ -98,6 +101,9 @@ class AttentionMetadata:
             slot_mapping=tensor(slots),
             max_query_len=max(query_lens, default=0),
             max_context_len=max(context_lens, default=0),
+            plan=AttentionPlan.build(query_lens, context_lens, block_tables, block_size, device)
+            if planned
+            else None,
         )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nucleus.attention import AttentionMetadata, AttentionPlan, KVCache
+from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
 from nucleus.model import Transformer
@@ -131,14 +131,14 @@ class ModelRunner:
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             context_lens.append(start + n)
-        tables = [s.block_table for s in seqs]
         meta = AttentionMetadata.build(
-            num_tokens, context_lens, tables, self.block_size, self.device
+            num_tokens,
+            context_lens,
+            [s.block_table for s in seqs],
+            self.block_size,
+            self.device,
+            planned=not exact_attention,
         )
-        if not exact_attention:
-            meta.plan = AttentionPlan.build(
-                num_tokens, context_lens, tables, self.block_size, self.device
-            )
         return self.model.forward(
             torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
             torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),

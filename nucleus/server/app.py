@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,6 +388,21 @@ class _SSEResponse(StreamingResponse):
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _guarded_sse(events: AsyncGenerator[str, None], rid: str) -> AsyncIterator[str]:
+    """A stream's events, then `[DONE]`; an error mid-stream becomes one error event, since the
+    200 status has already gone out."""
+    try:
+        async with contextlib.aclosing(events):  # a disconnect closes the inner stream too
+            async for event in events:
+                yield event
+    except APIError as exc:
+        yield _sse(exc.body())
+    except Exception as exc:
+        logger.exception("stream %s failed", rid)
+        yield _sse(error_body(f"Internal error: {exc}", "server_error"))
+    yield "data: [DONE]\n\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,74 +794,65 @@ async def _completions(state: _State, req: CompletionRequest, request: Request) 
             seen: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) sent
             offsets: dict[int, int] = {}
             completion_tokens: dict[int, int] = {}
-            try:
-                async for i, out in run.events():
-                    _raise_if_error(out)
-                    for o in out.outputs:
-                        index = i * n + o.index
-                        text, lps = "", None
-                        if index not in seen:
-                            seen[index] = (0, 0)
-                            offsets[index] = 0
-                            if echo:
-                                text, lps, offsets[index] = prompt_part(prompts[i], out)
-                        chars, ntok = seen[index]
-                        if not discard:
-                            text += o.text[chars:]
-                            new_ids = o.token_ids[ntok:]
-                            if k is not None and new_ids:
-                                more, offsets[index] = _completion_logprobs(
-                                    state, new_ids, (o.logprobs or [])[ntok:], k, offsets[index]
-                                )
-                                lps = _merge_logprobs(lps, more)
-                            seen[index] = (max(chars, len(o.text)), len(o.token_ids))
-                            completion_tokens[index] = len(o.token_ids)
-                        finish = o.finish_reason
-                        if discard and finish is not None:
-                            finish = "length"
-                        if not text and finish is None and lps is None:
-                            continue
-                        if k is not None and lps is None:
-                            lps = _completion_logprobs(state, [], None, k, 0)[0]
-                        chunk = {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [
-                                {
-                                    "index": index,
-                                    "text": text,
-                                    "logprobs": lps,
-                                    "finish_reason": _finish_reason(finish),
-                                }
-                            ],
-                        }
-                        if include_usage:
-                            chunk["usage"] = None
-                        yield _sse(_json_safe(chunk))
-                if include_usage:
-                    usage = _usage(
-                        sum(len(p.ids) for p in prompts), sum(completion_tokens.values())
-                    )
-                    yield _sse(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    )
-            except APIError as exc:
-                yield _sse(exc.body())
-            except Exception as exc:
-                logger.exception("stream %s failed", rid)
-                yield _sse(error_body(f"Internal error: {exc}", "server_error"))
-            yield "data: [DONE]\n\n"
+            async for i, out in run.events():
+                _raise_if_error(out)
+                for o in out.outputs:
+                    index = i * n + o.index
+                    text, lps = "", None
+                    if index not in seen:
+                        seen[index] = (0, 0)
+                        offsets[index] = 0
+                        if echo:
+                            text, lps, offsets[index] = prompt_part(prompts[i], out)
+                    chars, ntok = seen[index]
+                    if not discard:
+                        text += o.text[chars:]
+                        new_ids = o.token_ids[ntok:]
+                        if k is not None and new_ids:
+                            more, offsets[index] = _completion_logprobs(
+                                state, new_ids, (o.logprobs or [])[ntok:], k, offsets[index]
+                            )
+                            lps = _merge_logprobs(lps, more)
+                        seen[index] = (max(chars, len(o.text)), len(o.token_ids))
+                        completion_tokens[index] = len(o.token_ids)
+                    finish = o.finish_reason
+                    if discard and finish is not None:
+                        finish = "length"
+                    if not text and finish is None and lps is None:
+                        continue
+                    if k is not None and lps is None:
+                        lps = _completion_logprobs(state, [], None, k, 0)[0]
+                    chunk = {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": index,
+                                "text": text,
+                                "logprobs": lps,
+                                "finish_reason": _finish_reason(finish),
+                            }
+                        ],
+                    }
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield _sse(_json_safe(chunk))
+            if include_usage:
+                usage = _usage(sum(len(p.ids) for p in prompts), sum(completion_tokens.values()))
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
 
-        return _SSEResponse(stream(), run)
+        return _SSEResponse(_guarded_sse(stream(), rid), run)
 
     finals = await _collect(run, request)
     choices = []
@@ -953,75 +959,66 @@ async def _chat_completions(
         async def stream() -> AsyncIterator[str]:
             seen: dict[int, tuple[int, int]] = {}
             completion_tokens: dict[int, int] = {}
-            try:
-                async for _, out in run.events():
-                    _raise_if_error(out)
-                    for o in out.outputs:
-                        if o.index not in seen:
-                            seen[o.index] = (0, 0)
-                            yield chunk(
-                                [
-                                    {
-                                        "index": o.index,
-                                        "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
-                        chars, ntok = seen[o.index]
-                        text = o.text[chars:]
-                        new_ids = o.token_ids[ntok:]
-                        seen[o.index] = (max(chars, len(o.text)), len(o.token_ids))
-                        completion_tokens[o.index] = len(o.token_ids)
-                        lps = None
-                        if k is not None and new_ids:
-                            lps = {
-                                "content": _chat_logprobs(
-                                    state, new_ids, (o.logprobs or [])[ntok:], k
-                                )
-                            }
-                        if text or lps is not None:
-                            yield chunk(
-                                [
-                                    {
-                                        "index": o.index,
-                                        "delta": {"content": text},
-                                        "logprobs": lps,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
-                        if o.finish_reason is not None:
-                            yield chunk(
-                                [
-                                    {
-                                        "index": o.index,
-                                        "delta": {},
-                                        "logprobs": None,
-                                        "finish_reason": _finish_reason(o.finish_reason),
-                                    }
-                                ]
-                            )
-                if include_usage:
-                    body = {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "system_fingerprint": None,
-                        "choices": [],
-                        "usage": _usage(len(ids), sum(completion_tokens.values())),
-                    }
-                    yield _sse(body)
-            except APIError as exc:
-                yield _sse(exc.body())
-            except Exception as exc:
-                logger.exception("stream %s failed", rid)
-                yield _sse(error_body(f"Internal error: {exc}", "server_error"))
-            yield "data: [DONE]\n\n"
+            async for _, out in run.events():
+                _raise_if_error(out)
+                for o in out.outputs:
+                    if o.index not in seen:
+                        seen[o.index] = (0, 0)
+                        yield chunk(
+                            [
+                                {
+                                    "index": o.index,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    chars, ntok = seen[o.index]
+                    text = o.text[chars:]
+                    new_ids = o.token_ids[ntok:]
+                    seen[o.index] = (max(chars, len(o.text)), len(o.token_ids))
+                    completion_tokens[o.index] = len(o.token_ids)
+                    lps = None
+                    if k is not None and new_ids:
+                        lps = {
+                            "content": _chat_logprobs(state, new_ids, (o.logprobs or [])[ntok:], k)
+                        }
+                    if text or lps is not None:
+                        yield chunk(
+                            [
+                                {
+                                    "index": o.index,
+                                    "delta": {"content": text},
+                                    "logprobs": lps,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    if o.finish_reason is not None:
+                        yield chunk(
+                            [
+                                {
+                                    "index": o.index,
+                                    "delta": {},
+                                    "logprobs": None,
+                                    "finish_reason": _finish_reason(o.finish_reason),
+                                }
+                            ]
+                        )
+            if include_usage:
+                body = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "system_fingerprint": None,
+                    "choices": [],
+                    "usage": _usage(len(ids), sum(completion_tokens.values())),
+                }
+                yield _sse(body)
 
-        return _SSEResponse(stream(), run)
+        return _SSEResponse(_guarded_sse(stream(), rid), run)
 
     finals = await _collect(run, request)
     out = finals[0]
