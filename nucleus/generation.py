@@ -133,7 +133,9 @@ class Llama:
             raise ValueError(f"max_seq_len must be <= {limit} for this model, got {max_seq_len}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        model = build_transformer(config, files.weights, device=device, dtype=dtype)
+        model = build_transformer(
+            config, files.weights, device=device, dtype=dtype, block_int8=files.block_int8
+        )
         print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(
             model,

@@ -162,7 +162,11 @@ class LLM:
         self.chat_format = files.chat
         self.tokenizer = files.tokenizer
         self.model = build_transformer(
-            files.config, files.weights, device=self.device, dtype=self.dtype
+            files.config,
+            files.weights,
+            device=self.device,
+            dtype=self.dtype,
+            block_int8=files.block_int8,
         )
         del files
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_options))

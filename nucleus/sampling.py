@@ -230,7 +230,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
-        nonfinite = ~torch.isfinite(logits).all(dim=-1)
+        # One pass: a NaN or inf anywhere in a row makes its sum NaN or inf.
+        nonfinite = ~torch.isfinite(logits.sum(dim=-1))
         x = apply_penalties(logits, st)
         greedy_tokens = x.argmax(dim=-1)
         if st.all_greedy:

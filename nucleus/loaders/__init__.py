@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,8 +13,14 @@ from nucleus.assets import asset_path
 from nucleus.chat_template import ChatTemplate
 from nucleus.config import ModelConfig
 from nucleus.hf_tokenizer import HFTokenizer
+from nucleus.kernels.cpu import BlockInt8Weight
 from nucleus.loaders.errors import CheckpointError
-from nucleus.loaders.gguf import is_gguf_file, load_gguf_checkpoint, read_gguf_metadata
+from nucleus.loaders.gguf import (
+    is_gguf_file,
+    load_gguf_checkpoint,
+    read_block_int8,
+    read_gguf_metadata,
+)
 from nucleus.loaders.hf import is_hf_checkpoint, load_hf_checkpoint
 from nucleus.loaders.meta import is_meta_checkpoint, load_meta_checkpoint
 from nucleus.model import Transformer, rope_frequencies
@@ -35,11 +41,14 @@ def build_transformer(
     *,
     device: torch.device | str,
     dtype: torch.dtype,
+    block_int8: dict[str, BlockInt8Weight] | None = None,
 ) -> Transformer:
     """Make the model on `device` in `dtype` from `weights`, checking names and shapes strictly.
 
     The model is created on the meta device and each weight is converted and assigned in turn, so
-    at most one weight is in flight beside the (memory-mapped) checkpoint.
+    at most one weight is in flight beside the (memory-mapped) checkpoint. `block_int8` (a GGUF's
+    8-bit block form of some weights, `ModelFiles.block_int8`) is kept beside the float32 weights
+    of a float32 CPU model, for the CPU kernels; other placements ignore it.
     """
     with torch.device("meta"):
         model = Transformer(config)
@@ -73,6 +82,8 @@ def build_transformer(
             )
         state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
+    if block_int8 and torch.device(device).type == "cpu" and dtype == torch.float32:
+        model.attach_block_int8(block_int8)
     # The RoPE frequencies are a non-persistent buffer: compute them for real on the target device.
     model.rope_freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).to(
         device
@@ -89,6 +100,8 @@ class ModelFiles:
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer | HFTokenizer
     chat: ChatFormat | ChatTemplate
+    # Weights a GGUF stores as 8-bit blocks (Q8_0/Q4_0/Q4_1), in that form, for `build_transformer`.
+    block_int8: dict[str, BlockInt8Weight] = field(default_factory=dict)
 
 
 def _chat_for(
@@ -119,8 +132,10 @@ def load_model_files(
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
     template = None
+    block_int8 = {}
     if path.is_file() and is_gguf_file(path):
         config, weights = load_gguf_checkpoint(path)
+        block_int8 = read_block_int8(path)
         tokenizer = HFTokenizer.from_gguf(read_gguf_metadata(path), name=path.name)
         template = tokenizer.chat_template
     elif is_meta_checkpoint(path):
@@ -149,4 +164,5 @@ def load_model_files(
             f"{path}: the model's vocabulary ({config.vocab_size}) is smaller than its "
             f"tokenizer's ({tokenizer.n_words} tokens)"
         )
-    return ModelFiles(path.name, config, weights, tokenizer, _chat_for(tokenizer, template))
+    chat = _chat_for(tokenizer, template)
+    return ModelFiles(path.name, config, weights, tokenizer, chat, block_int8)

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from nucleus.config import ConfigError, ModelConfig, RopeScaling
+from nucleus.kernels.cpu import BlockInt8Weight
 from nucleus.loaders.errors import CheckpointError
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "dequantize",
     "is_gguf_file",
     "load_gguf_checkpoint",
+    "read_block_int8",
     "read_gguf_metadata",
 ]
 
@@ -173,6 +175,28 @@ def _deq_q6_k(raw: torch.Tensor) -> torch.Tensor:
     q = ((low | (high << 4)).to(torch.int8) - 32).float().reshape(n, 16, 16)
     scale = (d * scales).reshape(n, 16, 1)
     return (scale * q).reshape(n, 256)
+
+
+def _int8_q8_0(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _f16(raw[:, :2]), torch.zeros(raw.shape[0], 1), raw[:, 2:].contiguous().view(torch.int8)
+
+
+def _int8_q4_0(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = _nibbles_32(raw[:, 2:18]).to(torch.int8) - 8
+    return _f16(raw[:, :2]), torch.zeros(raw.shape[0], 1), q
+
+
+def _int8_q4_1(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _f16(raw[:, :2]), _f16(raw[:, 2:4]), _nibbles_32(raw[:, 4:20]).to(torch.int8)
+
+
+# GGML types whose blocks of 32 are `scale * q + offset` with 8-bit q: name -> (bytes, unpacker
+# returning scale (n, 1), offset (n, 1), q (n, 32)). Their dequantized values are exact either way.
+BLOCK_INT8_TYPES: dict[str, tuple[int, Callable[[torch.Tensor], tuple]]] = {
+    "Q8_0": (34, _int8_q8_0),
+    "Q4_0": (18, _int8_q4_0),
+    "Q4_1": (20, _int8_q4_1),
+}
 
 
 # GGML type name -> (block size in values, block size in bytes, dequantizer)
@@ -586,6 +610,27 @@ def load_gguf_checkpoint(
             weights[meta_name(t.name)] = tensor
     _check_shapes(config, weights, where)
     return config, weights
+
+
+def read_block_int8(path: str | Path) -> dict[str, BlockInt8Weight]:
+    """The matrices of a GGUF file stored as Q8_0, Q4_0 or Q4_1, unpacked to `BlockInt8Weight`
+    under Meta's names: the CPU kernels multiply by them without the float32 copy."""
+    path = Path(path)
+    out = {}
+    for t in _open_reader(path).tensors:
+        name = meta_name(t.name)
+        if name is None or t.tensor_type.name not in BLOCK_INT8_TYPES or len(t.shape) != 2:
+            continue
+        n, k = (int(d) for d in reversed(t.shape.tolist()))
+        if n % BlockInt8Weight.PANEL:
+            continue  # the kernel's panels do not tile it: the float32 matrix serves it
+        block_bytes, unpack = BLOCK_INT8_TYPES[t.tensor_type.name]
+        raw = torch.from_numpy(np.asarray(t.data)).reshape(-1).view(torch.uint8)
+        scale, offset, q = unpack(raw.reshape(-1, block_bytes))
+        out[name] = BlockInt8Weight.pack(
+            q.reshape(n, k), scale.reshape(n, k // 32), offset.reshape(n, k // 32)
+        )
+    return out
 
 
 def _check_shapes(config: ModelConfig, weights: dict[str, torch.Tensor], where: str) -> None:

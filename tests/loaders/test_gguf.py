@@ -368,3 +368,64 @@ def test_default_model_logits_equal_transformers(smollm2_checkpoint, transformer
         ref = transformers_model(torch.tensor([ids])).logits[0].float()
     assert (ours - ref).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_block_int8_form_of_q8_0_q4_0_q4_1_dequantizes_as_gguf_quants(tmp_path):
+    # Oracle: gguf.quants (llama.cpp's own Python dequantizer), bit for bit.
+    types = {
+        "blk.0.attn_q.weight": "Q8_0",
+        "blk.0.ffn_up.weight": "Q4_0",
+        "blk.0.ffn_down.weight": "Q4_1",
+        "blk.1.attn_k.weight": "Q4_K",  # not a block-int8 type: left to the float32 path
+        "token_embd.weight": "Q8_0",
+    }
+    path = tmp_path / "blocks.gguf"
+    written = write_llama_gguf(path, types=types)
+    packed = gguf_loader.read_block_int8(path)
+    # VOCAB (300) rows do not tile into panels of 16: the embedding stays float32 only
+    assert set(packed) == {_meta(n) for n in types} - {"layers.1.attention.wk.weight"} - {
+        "tok_embeddings.weight"
+    }
+    for name, weight in packed.items():
+        gguf_name = next(n for n in written if _meta(n) == name)
+        raw, type_name = written[gguf_name]
+        ref = gguf.quants.dequantize(raw, Q[type_name])
+        assert weight.shape == ref.shape
+        # Equal values; the one bit pattern that may differ is the sign of a zero weight
+        # (`d * 0` is -0.0 for a negative d, `d * 0 + 0` is +0.0), which no product can see.
+        assert torch.equal(weight.dequantize(), torch.from_numpy(ref))
+
+
+@pytest.mark.slow
+def test_default_model_logits_through_the_cpu_kernels_equal_transformers(
+    smollm2_gguf, smollm2_checkpoint, transformers_model
+):
+    # The default model's Q4_1/Q8_0 matrices run through nucleus.kernels (block-int8 products,
+    # paged decode attention). Oracle: transformers on the same GGUF, prefill then decode steps.
+    from nucleus.attention import AttentionMetadata, KVCache
+    from nucleus.kernels import cpu as cpu_kernels
+    from nucleus.loaders import build_transformer
+
+    if cpu_kernels._load() is None:
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    config, weights = smollm2_checkpoint
+    packed = gguf_loader.read_block_int8(smollm2_gguf)
+    assert len(packed) == 1 + 7 * config.n_layers  # every matrix, and the tied Q8_0 head
+    model = build_transformer(config, weights, device="cpu", dtype=torch.float32, block_int8=packed)
+    assert model.lm_head_block_int8 is packed["tok_embeddings.weight"]
+    ids = [1, 4093, 198, 19556, 905, 17, 216, 33, 34, 35, 2, 198, 1, 520, 9531, 198, 504, 3575]
+    prompt, steps = ids[:10], ids[10:]
+    kv = KVCache.allocate(config, 2, 16, torch.float32, "cpu")
+    table = [[1, 0]]
+    meta = AttentionMetadata.build([len(prompt)], [len(prompt)], table, 16, "cpu", planned=True)
+    rows = [model.compute_logits(model(torch.tensor(prompt), torch.arange(len(prompt)), kv, meta))]
+    for pos, token in enumerate(steps, start=len(prompt)):
+        meta = AttentionMetadata.build([1], [pos + 1], table, 16, "cpu", planned=True)
+        rows.append(
+            model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), kv, meta))
+        )
+    ours = torch.cat(rows)
+    with torch.no_grad():
+        ref = transformers_model(torch.tensor([ids])).logits[0].float()
+    assert (ours - ref).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))

@@ -1,0 +1,174 @@
+"""The C kernels of `nucleus.kernels.cpu` against torch on the same inputs.
+
+Oracles: a float64 torch product of the dequantized weight (block-int8 linear), and the portable
+torch attention (`nucleus.attention.paged_attention`, itself checked against transformers) for
+decode attention. Tolerance: 1e-5 relative (float32; only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from nucleus.attention import AttentionMetadata, paged_attention
+from nucleus.kernels import cpu as cpu_kernels
+from nucleus.kernels.cpu import BlockInt8Weight, block_int8_linear, paged_decode_attention
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels._load() is None, reason="no C compiler: the CPU kernels are not built"
+)
+
+
+def random_block_int8(n: int, k: int, *, signed: bool, seed: int) -> BlockInt8Weight:
+    g = torch.Generator().manual_seed(seed)
+    low, high = (-128, 128) if signed else (0, 16)  # Q8_0-like, Q4_1-like
+    q = torch.randint(low, high, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.02).half().float()
+    offset = (torch.randn(n, k // 32, generator=g) * 0.05).half().float()
+    if signed:
+        offset.zero_()
+    return BlockInt8Weight.pack(q, scale, offset)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    scale = ref.abs().max().item()
+    assert (ours.double() - ref.double()).abs().max().item() <= rel * scale
+
+
+def test_pack_keeps_every_value_and_refuses_shapes_that_do_not_tile():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (48, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(48, 2, generator=g).half().float()  # GGUF scales are float16
+    offset = torch.randn(48, 2, generator=g)
+    w = BlockInt8Weight.pack(q, scale, offset)
+    assert w.shape == (48, 64) and w.q.shape == (3, 64, 16)
+    expected = scale.repeat_interleave(32, 1) * q.float() + offset.repeat_interleave(32, 1)
+    assert torch.equal(w.dequantize(), expected)
+    with pytest.raises(ValueError, match="panels of 16"):
+        BlockInt8Weight.pack(q[:40], scale[:40], offset[:40])
+
+
+# Row counts through every path: the in-register rebuild (1-4), the 6-row tile and its tails,
+# and more rows than one cache chunk (96).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 64, 97, 200])
+@pytest.mark.parametrize(("n", "k", "signed"), [(48, 64, False), (32, 96, True), (576, 192, False)])
+def test_block_int8_linear_equals_the_float64_product(rows, n, k, signed):
+    w = random_block_int8(n, k, signed=signed, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows))
+    ref = x.double() @ w.dequantize().double().T
+    assert_close(block_int8_linear(x, w), ref)
+
+
+def test_block_int8_linear_takes_a_non_contiguous_input_and_checks_width():
+    w = random_block_int8(32, 64, signed=True, seed=1)
+    x = torch.randn(64, 10).T  # (10, 64), not contiguous
+    assert_close(block_int8_linear(x, w), x.double() @ w.dequantize().double().T)
+    with pytest.raises(ValueError, match="columns"):
+        block_int8_linear(torch.randn(3, 32), w)
+
+
+def test_block_int8_linear_propagates_nan():
+    w = random_block_int8(32, 64, signed=False, seed=2)
+    x = torch.randn(7, 64)
+    x[3, 5] = float("nan")
+    y = block_int8_linear(x, w)
+    assert torch.isnan(y[3]).all() and torch.isfinite(y[[0, 1, 2, 4, 5, 6]]).all()
+
+
+def _paged_setup(contexts, n_heads, n_kv, head_dim, block_size=16, seed=0):
+    rng = random.Random(seed)
+    blocks_needed = [-(-c // block_size) for c in contexts]
+    ids = list(range(sum(blocks_needed) + 3))
+    rng.shuffle(ids)
+    tables, start = [], 0
+    for nb in blocks_needed:
+        tables.append(ids[start : start + nb])
+        start += nb
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(ids), block_size, n_kv, head_dim)
+    cache_k, cache_v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    q = torch.randn(len(contexts), n_heads, head_dim, generator=g)
+    return q, cache_k, cache_v, tables
+
+
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "head_dim"), [(9, 3, 64), (8, 8, 64), (8, 2, 128), (4, 1, 24)]
+)
+def test_paged_decode_attention_equals_the_torch_backend(n_heads, n_kv, head_dim):
+    contexts = [1, 5, 16, 17, 40, 130, 300]
+    q, cache_k, cache_v, tables = _paged_setup(contexts, n_heads, n_kv, head_dim)
+    meta = AttentionMetadata.build([1] * len(contexts), contexts, tables, 16, "cpu")
+    ref = paged_attention(q, cache_k, cache_v, meta)  # no plan: the reference arithmetic
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    ours = paged_decode_attention(q, cache_k, cache_v, padded, torch.tensor(contexts))
+    assert_close(ours, ref)
+
+
+def test_paged_decode_attention_propagates_nan_in_the_cache_of_that_sequence_only():
+    contexts = [20, 20]
+    q, cache_k, cache_v, tables = _paged_setup(contexts, 4, 2, 32)
+    cache_v[tables[1][0], 3, 1, 0] = float("nan")
+    out = paged_decode_attention(q, cache_k, cache_v, torch.tensor(tables), torch.tensor(contexts))
+    assert torch.isfinite(out[0]).all()
+    assert torch.isnan(out[1, 2:, 0]).all()  # the heads reading KV head 1
+
+
+def test_the_engine_attention_plan_uses_the_kernel_and_agrees_with_the_torch_path(monkeypatch):
+    contexts, q_lens = [33, 7, 64, 12], [1, 7, 1, 12]  # decodes mixed with prefill chunks
+    _, cache_k, cache_v, tables = _paged_setup(contexts, 6, 2, 32, seed=3)
+    q = torch.randn(sum(q_lens), 6, 32)
+    planned = AttentionMetadata.build(q_lens, contexts, tables, 16, "cpu", planned=True)
+    calls = []
+    real = cpu_kernels.paged_decode_attention
+    monkeypatch.setattr(
+        cpu_kernels, "paged_decode_attention", lambda *a: calls.append(1) or real(*a)
+    )
+    with torch.inference_mode():  # as the model runs (the torch path reuses inference buffers)
+        ours = paged_attention(q, cache_k, cache_v, planned)
+    assert calls == [1]
+    ref = paged_attention(
+        q, cache_k, cache_v, AttentionMetadata.build(q_lens, contexts, tables, 16, "cpu")
+    )
+    assert_close(ours, ref)
+
+
+def test_without_a_compiler_nothing_is_built_and_the_torch_paths_run(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
+    monkeypatch.setenv("NUCLEUS_CPU_KERNELS", "0")
+    x = torch.randn(3, 64)
+    assert not cpu_kernels.block_linear_available(x)
+    assert not cpu_kernels.decode_attention_available(x.view(3, 1, 64), torch.zeros(1, 16, 1, 64))
+
+    from nucleus.model import linear
+
+    w = random_block_int8(32, 64, signed=True, seed=4)
+    dense = w.dequantize()
+    assert torch.equal(linear(x, dense, w), torch.nn.functional.linear(x, dense))
+
+
+def test_a_failing_compiler_leaves_the_torch_paths(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
+    monkeypatch.setenv("NUCLEUS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert cpu_kernels._load() is None
+    assert "CPU kernels unavailable" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
+    monkeypatch.setenv("NUCLEUS_CACHE", str(tmp_path))
+    assert cpu_kernels._load() is not None
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    assert cpu_kernels._load() is not None  # loaded from the cache, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp
