@@ -1,11 +1,12 @@
 """CPU kernels in C, compiled on first use and called through ctypes.
 
-Two hot paths torch does not cover on the CPU:
+Hot paths torch does not cover well on the CPU:
 - `paged_attention.c`: decode attention reading the paged KV cache in place (torch would first
   gather every sequence's blocks into a padded copy: `nucleus.attention.planned_attention`);
 - `block_linear.c`: matrix products with GGUF Q8_0/Q4_0/Q4_1 weights kept as 8-bit integers in
   blocks of 32 (`BlockInt8Weight`), rebuilt exactly on the fly: a quarter of the bytes of the
-  float32 matrix, which is what small decode batches are bound by.
+  float32 matrix, which is what small decode batches are bound by;
+- `elementwise.c`: RMSNorm and the SwiGLU gate in one pass each.
 
 Both are plain C with OpenMP (no torch headers, so they build in about a second), cached per
 source, flags and CPU under `$NUCLEUS_CACHE/kernels/`. Without a C compiler, or with
@@ -33,14 +34,16 @@ from nucleus.assets import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "block_linear.c")]
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / n for n in ("paged_attention.c", "block_linear.c", "elementwise.c")]
+_HEADERS = [_HERE / "simd.h"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _unavailable = False
 
-_i64, _f32p, _i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
-_i8p = ctypes.POINTER(ctypes.c_int8)
+# Tensors are passed as their data pointers (plain ints: cheaper than typed ctypes pointers).
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def _cpu_signature() -> str:
@@ -53,7 +56,7 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = b"".join(p.read_bytes() for p in _SOURCES)
+    source = b"".join(p.read_bytes() for p in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(
         source + " ".join([compiler, *_FLAGS]).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
@@ -97,12 +100,16 @@ def _load() -> ctypes.CDLL | None:
             _unavailable = True
             return None
         fn = lib.paged_decode_attention_f32
-        fn.argtypes = [_f32p, _f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64]
+        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64]
         fn.argtypes += [_i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
         fn.restype = ctypes.c_int
         fn = lib.block_int8_linear_f32
-        fn.argtypes = [_f32p, _i8p, _f32p, _f32p, _f32p, _i64, _i64, _i64, ctypes.c_int]
+        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
         fn.restype = ctypes.c_int
+        lib.rms_norm_f32.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
+        lib.rms_norm_f32.restype = None
+        lib.silu_mul_f32.argtypes = [_ptr, _ptr, _ptr, _i64, ctypes.c_int]
+        lib.silu_mul_f32.restype = None
         _library = lib
         return lib
 
@@ -140,13 +147,13 @@ def paged_decode_attention(
     out = torch.empty_like(q)
 
     status = lib.paged_decode_attention_f32(
-        ptr(q, _f32p),
-        ptr(cache_k, _f32p),
-        ptr(cache_v, _f32p),
-        ptr(out, _f32p),
-        ptr(tables, _i64p),
+        q.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        out.data_ptr(),
+        tables.data_ptr(),
         tables.shape[1],
-        ptr(lens, _i64p),
+        lens.data_ptr(),
         num_seqs,
         n_heads,
         n_kv_heads,
@@ -219,11 +226,11 @@ def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
     x = x.contiguous()
     y = x.new_empty(x.shape[0], n)
     status = lib.block_int8_linear_f32(
-        ptr(x, _f32p),
-        ptr(weight.q, _i8p),
-        ptr(weight.scale, _f32p),
-        ptr(weight.offset, _f32p),
-        ptr(y, _f32p),
+        x.data_ptr(),
+        weight.q.data_ptr(),
+        weight.scale.data_ptr(),
+        weight.offset.data_ptr(),
+        y.data_ptr(),
         x.shape[0],
         k,
         n,
@@ -234,5 +241,36 @@ def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
     return y
 
 
-def ptr(t: torch.Tensor, kind):
-    return ctypes.cast(t.data_ptr(), kind)
+def elementwise_available(*tensors: torch.Tensor) -> bool:
+    """Whether `rms_norm`/`silu_mul` serve these tensors (contiguous float32 on the CPU)."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and all(t.is_contiguous() for t in tensors)
+        and _load() is not None
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x * rsqrt(mean(x**2, -1) + eps) * weight` over the last dimension, in one pass."""
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    _load().rms_norm_f32(
+        x.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        x.numel() // dim,
+        dim,
+        eps,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`silu(a) * b`, written into `a` (a temporary the caller gives up)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    _load().silu_mul_f32(
+        a.data_ptr(), b.data_ptr(), a.data_ptr(), a.numel(), torch.get_num_threads()
+    )
+    return a

@@ -172,3 +172,32 @@ def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_library", None)
     assert cpu_kernels._load() is not None  # loaded from the cache, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (300, 576), (2, 3, 40)])
+def test_rms_norm_equals_the_reference_formula(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, weight = torch.randn(shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), ref)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 4100, 40000])
+def test_silu_mul_equals_the_reference_formula_in_place(n):
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, generator=g) * 6, torch.randn(n, generator=g)
+    a[0] = -100.0  # far in the saturated tail: silu is ~0 there, not NaN
+    ref = torch.nn.functional.silu(a) * b  # the torch twin nucleus.model runs without the kernel
+    out = cpu_kernels.silu_mul(a, b)
+    assert out is a
+    assert_close(out, ref)
+
+
+def test_elementwise_kernels_propagate_nan():
+    x = torch.randn(3, 64)
+    x[1, 7] = float("nan")
+    y = cpu_kernels.rms_norm(x, torch.ones(64), 1e-5)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+    a = torch.tensor([float("nan"), 1.0] * 8)
+    assert torch.isnan(cpu_kernels.silu_mul(a, torch.ones(16))[::2]).all()

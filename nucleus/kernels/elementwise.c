@@ -1,0 +1,61 @@
+/* Row-wise float32 operations of the Llama block, one pass each, for the CPU: RMSNorm and the
+ * SwiGLU gate. torch spends six passes (and temporaries) on the first and two on the second,
+ * which at decode batch sizes cost more in dispatch than in arithmetic. Same formulas as
+ * nucleus.model: x * rsqrt(mean(x^2) + eps) * weight, and silu(a) * b with silu(a) = a / (1 +
+ * exp(-a)); only the summation order of the mean differs. Built by nucleus/kernels/cpu.py.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "simd.h"
+
+/* out[m, :] = x[m, :] / sqrt(mean(x[m, :]^2) + eps) * weight, x and out (M, D). */
+void rms_norm_f32(const float *x, const float *weight, float *out, int64_t M, int64_t D,
+                  float eps, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * D > 16384)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * D;
+        float *om = out + m * D;
+        int64_t i = 0;
+        float total = 0.0f;
+#ifdef __AVX2__
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (; i + 16 <= D; i += 16) {
+            const __m256 a = _mm256_loadu_ps(xm + i), b = _mm256_loadu_ps(xm + i + 8);
+            s0 = _mm256_fmadd_ps(a, a, s0);
+            s1 = _mm256_fmadd_ps(b, b, s1);
+        }
+        total = hsum8(_mm256_add_ps(s0, s1));
+#endif
+        for (; i < D; i++) total += xm[i] * xm[i];
+        const float r = 1.0f / sqrtf(total / (float)D + eps);
+        i = 0;
+#ifdef __AVX2__
+        const __m256 r8 = _mm256_set1_ps(r);
+        for (; i + 8 <= D; i += 8)
+            _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xm + i), r8),
+                                                   _mm256_loadu_ps(weight + i)));
+#endif
+        for (; i < D; i++) om[i] = xm[i] * r * weight[i];
+    }
+}
+
+/* out[i] = a[i] / (1 + exp(-a[i])) * b[i] for n values; out may be a. */
+void silu_mul_f32(const float *a, const float *b, float *out, int64_t n, int num_threads) {
+    const int64_t chunk = 4096;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n > 16384)
+    for (int64_t c = 0; c < n; c += chunk) {
+        const int64_t end = c + chunk < n ? c + chunk : n;
+        int64_t i = c;
+#ifdef __AVX2__
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= end; i += 8) {
+            const __m256 av = _mm256_loadu_ps(a + i);
+            const __m256 e = exp8(_mm256_sub_ps(zero, av));
+            const __m256 s = _mm256_div_ps(av, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(b + i)));
+        }
+#endif
+        for (; i < end; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    }
+}
