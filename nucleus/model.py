@@ -2,7 +2,9 @@
 
 One model for every path. It follows Meta's `llama/model.py` in names, weight layout and the
 order of its floating-point operations; what differs is the batch: a flat run of tokens with their
-positions, attending through a paged KV cache (`nucleus.attention`).
+positions, attending through a paged KV cache (`nucleus.attention`). On the CPU in float32, matrix
+products with GGUF 8-bit block weights, RMSNorm and the SwiGLU gate run in `nucleus.kernels`: the
+same formulas, float32 summation order aside.
 """
 
 from __future__ import annotations
