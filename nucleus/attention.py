@@ -54,6 +54,11 @@ class KVCache:
         return self.k.shape[2]
 
 
+def _long_tensor(values: list, device: torch.device | str) -> torch.Tensor:
+    """int64 host lists to `device`, without waiting for the copy."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 @dataclass
 class AttentionMetadata:
     """Where a flat batch's tokens sit: built once per step by whoever drives the model."""
@@ -92,14 +97,11 @@ class AttentionMetadata:
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
 
-        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
         return cls(
-            query_start=tensor(starts),
-            context_lens=tensor(context_lens),
-            block_tables=tensor(padded),
-            slot_mapping=tensor(slots),
+            query_start=_long_tensor(starts, device),
+            context_lens=_long_tensor(context_lens, device),
+            block_tables=_long_tensor(padded, device),
+            slot_mapping=_long_tensor(slots, device),
             max_query_len=max(query_lens, default=0),
             max_context_len=max(context_lens, default=0),
             plan=AttentionPlan.build(query_lens, context_lens, block_tables, block_size, device)
@@ -141,8 +143,8 @@ class AttentionPlan:
                 dec_rows.append(i)
                 dec_tokens.append(start)
             else:
-                ids = torch.tensor(block_tables[i][:blocks_needed], dtype=torch.long)
-                prefills.append((start, q_len, ctx_len, ids.to(device, non_blocking=True)))
+                ids = _long_tensor(block_tables[i][:blocks_needed], device)
+                prefills.append((start, q_len, ctx_len, ids))
             start += q_len
         if not dec_rows:
             return cls(None, None, None, 0, prefills, False)
@@ -153,13 +155,10 @@ class AttentionPlan:
             for i in dec_rows
         ]
 
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
         return cls(
-            decode_tokens=tensor(dec_tokens),
-            decode_blocks=tensor(tables),
-            decode_context=tensor(ctx),
+            decode_tokens=_long_tensor(dec_tokens, device),
+            decode_blocks=_long_tensor(tables, device),
+            decode_context=_long_tensor(ctx, device),
             decode_max_context=max(ctx),
             prefills=prefills,
             all_decode_in_order=not prefills,
