@@ -114,6 +114,14 @@ def _load() -> ctypes.CDLL | None:
         return lib
 
 
+def _require_library() -> ctypes.CDLL:
+    """The compiled library, for a kernel wrapper whose caller checked `*_available` first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or turned off)")
+    return lib
+
+
 def decode_attention_available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether `paged_decode_attention` can serve these tensors (float32, on the CPU)."""
     return (
@@ -134,9 +142,7 @@ def paged_decode_attention(
     """Attention of one query per sequence, `q (B, n_heads, hd)`, over its first
     `context_lens[b]` cached keys/values of one layer (`(num_blocks, block_size, n_kv, hd)`), found
     through `block_tables (B, width)`. Returns `(B, n_heads, hd)`."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError("the CPU attention kernel is not available")
+    lib = _require_library()
     num_seqs, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, _ = cache_k.shape
     q = q.contiguous()
@@ -217,9 +223,7 @@ def block_linear_available(x: torch.Tensor) -> bool:
 def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
     """`x (M, K) @ W.T` for a block-int8 `W (N, K)`, float32: `F.linear(x, weight.dequantize())`
     up to summation order."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError("the CPU kernels are not available")
+    lib = _require_library()
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
@@ -254,7 +258,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x**2, -1) + eps) * weight` over the last dimension, in one pass."""
     out = torch.empty_like(x)
     dim = x.shape[-1]
-    _load().rms_norm_f32(
+    _require_library().rms_norm_f32(
         x.data_ptr(),
         weight.data_ptr(),
         out.data_ptr(),
@@ -270,7 +274,7 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`silu(a) * b`, written into `a` (a temporary the caller gives up)."""
     if a.shape != b.shape:
         raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    _load().silu_mul_f32(
+    _require_library().silu_mul_f32(
         a.data_ptr(), b.data_ptr(), a.data_ptr(), a.numel(), torch.get_num_threads()
     )
     return a
