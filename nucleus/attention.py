@@ -115,15 +115,18 @@ class AttentionPlan:
     """Host-side split of a flat batch: the decode rows (one query each) and the prefill chunks.
 
     decode_tokens (D,): flat index of each decode row's query; decode_blocks (D, nb): their block
-    ids (padded with block 0); decode_context (D,): their context lengths; prefills: per chunk
-    `(first flat token, query length, context length, block ids (nb,))`.
+    ids (padded with block 0); decode_context (D,): their context lengths. prefills: per chunk
+    `(first flat token, query length, context length)`, also as the tensor prefill_chunks (C, 3),
+    with prefill_blocks (C, nb) their block ids (padded with block 0).
     """
 
     decode_tokens: torch.Tensor | None
     decode_blocks: torch.Tensor | None
     decode_context: torch.Tensor | None
     decode_max_context: int
-    prefills: list[tuple[int, int, int, torch.Tensor]]
+    prefills: list[tuple[int, int, int]]
+    prefill_chunks: torch.Tensor | None
+    prefill_blocks: torch.Tensor | None
     all_decode_in_order: bool  # the batch is only decodes, token i is row i
 
     @classmethod
@@ -135,33 +138,33 @@ class AttentionPlan:
         block_size: int,
         device: torch.device | str,
     ) -> AttentionPlan:
-        dec_rows, dec_tokens, prefills = [], [], []
+        dec_rows, dec_tokens, pre_rows, prefills = [], [], [], []
         start = 0
         for i, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens, strict=True)):
-            blocks_needed = -(-ctx_len // block_size)
             if q_len == 1:
                 dec_rows.append(i)
                 dec_tokens.append(start)
             else:
-                ids = _long_tensor(block_tables[i][:blocks_needed], device)
-                prefills.append((start, q_len, ctx_len, ids))
+                pre_rows.append(i)
+                prefills.append((start, q_len, ctx_len))
             start += q_len
-        if not dec_rows:
-            return cls(None, None, None, 0, prefills, False)
-        ctx = [context_lens[i] for i in dec_rows]
-        width = -(-max(ctx) // block_size)
-        tables = [
-            block_tables[i][:width] + [0] * (width - min(len(block_tables[i]), width))
-            for i in dec_rows
-        ]
 
+        def tables(rows: list[int]) -> torch.Tensor:
+            width = -(-max(context_lens[i] for i in rows) // block_size)
+            padded = [block_tables[i][:width] for i in rows]
+            return _long_tensor([t + [0] * (width - len(t)) for t in padded], device)
+
+        decodes = bool(dec_rows)
+        ctx = [context_lens[i] for i in dec_rows]
         return cls(
-            decode_tokens=_long_tensor(dec_tokens, device),
-            decode_blocks=_long_tensor(tables, device),
-            decode_context=_long_tensor(ctx, device),
-            decode_max_context=max(ctx),
+            decode_tokens=_long_tensor(dec_tokens, device) if decodes else None,
+            decode_blocks=tables(dec_rows) if decodes else None,
+            decode_context=_long_tensor(ctx, device) if decodes else None,
+            decode_max_context=max(ctx, default=0),
             prefills=prefills,
-            all_decode_in_order=not prefills,
+            prefill_chunks=_long_tensor(prefills, device) if prefills else None,
+            prefill_blocks=tables(pre_rows) if prefills else None,
+            all_decode_in_order=decodes and not prefills,
         )
 
 
@@ -204,7 +207,8 @@ def planned_attention(
     q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """`paged_attention` driven by `meta.plan`: decodes in one batched call over their own
-    longest context, each prefill chunk alone over its own context; no K/V repeated for GQA."""
+    longest context, prefill chunks each over its own context; no K/V repeated for GQA. On the
+    CPU in float32 both run in `nucleus.kernels` (reading the cache in place), else torch SDPA."""
     plan = meta.plan
     T, n_heads, hd = q.shape
     block_size, n_kv = cache_k.shape[1], cache_k.shape[2]
@@ -227,7 +231,15 @@ def planned_attention(
         if out is None:
             return o
         out.index_copy_(0, plan.decode_tokens, o)
-    for start, q_len, ctx_len, blocks in plan.prefills:
+    if not plan.prefills:
+        return out
+    if cpu_kernels.prefill_attention_available(q, cache_k):
+        cpu_kernels.paged_prefill_attention(
+            q, cache_k, cache_v, plan.prefill_chunks, plan.prefill_blocks, out
+        )
+        return out
+    for c, (start, q_len, ctx_len) in enumerate(plan.prefills):
+        blocks = plan.prefill_blocks[c, : -(-ctx_len // block_size)]
         nb = blocks.shape[0]
         keys = _gather_blocks(cache_k, blocks, 0).view(1, nb * block_size, n_kv, hd)
         values = _gather_blocks(cache_v, blocks, 1).view(1, nb * block_size, n_kv, hd)
@@ -248,6 +260,8 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Store new keys/values `(T, n_kv, hd)` of one layer at their slots."""
+    if cpu_kernels.elementwise_available(cache_k, cache_v, k, v):
+        return cpu_kernels.write_kv(cache_k, cache_v, k, v, slot_mapping)
     n_kv, hd = k.shape[-2:]
     cache_k.view(-1, n_kv, hd).index_copy_(0, slot_mapping, k)
     cache_v.view(-1, n_kv, hd).index_copy_(0, slot_mapping, v)

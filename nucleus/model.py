@@ -75,7 +75,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs `(x[2i], x[2i+1])` of `x (T, heads, hd)` as complex numbers by
-    `freqs_cis (T, hd/2)`, in float32: the reference's `apply_rotary_emb`."""
+    `freqs_cis (T, hd/2)`, in float32: the reference's `apply_rotary_emb`. May rotate `x` in
+    place (the CPU kernel): callers pass a temporary."""
+    if cpu_kernels.rotary_available(x, freqs_cis):
+        return cpu_kernels.rotary_(x, freqs_cis)  # the same products, one pass
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs_cis.unsqueeze(1)).flatten(-2).type_as(x)
 

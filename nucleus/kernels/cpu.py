@@ -2,11 +2,12 @@
 
 Hot paths torch does not cover well on the CPU:
 - `paged_attention.c`: decode attention reading the paged KV cache in place (torch would first
-  gather every sequence's blocks into a padded copy: `nucleus.attention.planned_attention`);
+  gather every sequence's blocks into a padded copy: `nucleus.attention.planned_attention`), and
+  the store of new keys/values into their cache slots;
 - `block_linear.c`: matrix products with GGUF Q8_0/Q4_0/Q4_1 weights kept as 8-bit integers in
   blocks of 32 (`BlockInt8Weight`), rebuilt exactly on the fly: a quarter of the bytes of the
   float32 matrix, which is what small decode batches are bound by;
-- `elementwise.c`: RMSNorm and the SwiGLU gate in one pass each.
+- `elementwise.c`: RMSNorm, the SwiGLU gate and RoPE in one pass each.
 
 Both are plain C with OpenMP (no torch headers, so they build in about a second), cached per
 source, flags and CPU under `$NUCLEUS_CACHE/kernels/`. Without a C compiler, or with
@@ -103,6 +104,10 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64]
         fn.argtypes += [_i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
         fn.restype = ctypes.c_int
+        fn = lib.paged_prefill_attention_f32
+        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        fn.argtypes += [_i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
         fn = lib.block_int8_linear_f32
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
         fn.restype = ctypes.c_int
@@ -110,6 +115,10 @@ def _load() -> ctypes.CDLL | None:
         lib.rms_norm_f32.restype = None
         lib.silu_mul_f32.argtypes = [_ptr, _ptr, _ptr, _i64, ctypes.c_int]
         lib.silu_mul_f32.restype = None
+        lib.rotary_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
+        lib.rotary_f32.restype = None
+        lib.write_kv_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+        lib.write_kv_f32.restype = ctypes.c_int
         _library = lib
         return lib
 
@@ -132,6 +141,32 @@ def decode_attention_available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
     )
 
 
+def _paged_attention_call(kernel, q, cache_k, cache_v, out, *layout) -> None:
+    """Call a paged attention kernel: the tensors, then `layout` (the kernel's own tables and
+    counts), then the geometry both kernels share; raise if its scratch allocation failed."""
+    _, n_heads, head_dim = q.shape
+    _, block_size, n_kv_heads, _ = cache_k.shape
+    if not (q.is_contiguous() and out.is_contiguous()):
+        raise ValueError("the queries and the output must be contiguous")
+    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    status = kernel(
+        q.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        out.data_ptr(),
+        *layout,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        block_size,
+        1.0 / math.sqrt(head_dim),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the CPU attention kernel could not allocate its scratch space")
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     cache_k: torch.Tensor,
@@ -142,35 +177,60 @@ def paged_decode_attention(
     """Attention of one query per sequence, `q (B, n_heads, hd)`, over its first
     `context_lens[b]` cached keys/values of one layer (`(num_blocks, block_size, n_kv, hd)`), found
     through `block_tables (B, width)`. Returns `(B, n_heads, hd)`."""
-    lib = _require_library()
-    num_seqs, n_heads, head_dim = q.shape
-    _, block_size, n_kv_heads, _ = cache_k.shape
     q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
-    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
-        raise ValueError("the KV cache must be contiguous")
     out = torch.empty_like(q)
-
-    status = lib.paged_decode_attention_f32(
-        q.data_ptr(),
-        cache_k.data_ptr(),
-        cache_v.data_ptr(),
-        out.data_ptr(),
+    _paged_attention_call(
+        _require_library().paged_decode_attention_f32,
+        q,
+        cache_k,
+        cache_v,
+        out,
         tables.data_ptr(),
         tables.shape[1],
         lens.data_ptr(),
-        num_seqs,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        block_size,
-        1.0 / math.sqrt(head_dim),
-        torch.get_num_threads(),
+        q.shape[0],
     )
-    if status != 0:
-        raise MemoryError("the CPU attention kernel could not allocate its scratch space")
     return out
+
+
+def prefill_attention_available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether `paged_prefill_attention` serves these tensors: as `decode_attention_available`,
+    with a head size that is a multiple of 16 (its register tile)."""
+    return q.shape[-1] % 16 == 0 and decode_attention_available(q, cache_k)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    chunks: torch.Tensor,
+    block_tables: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Causal attention of prefill chunks, written into their rows of `out (T, n_heads, hd)`.
+
+    Chunk `c` is `chunks[c] = (first flat row in q, query length, context length)`: its queries
+    are the last positions of its context, whose keys/values (already in the cache) are found
+    through `block_tables[c]`. `q (T, n_heads, hd)`; caches `(num_blocks, block_size, n_kv, hd)`.
+    """
+    chunks = chunks.to(torch.int64)
+    starts, q_lens, context_lens = (chunks[:, i].contiguous() for i in range(3))
+    tables = block_tables.to(torch.int64).contiguous()
+    _paged_attention_call(
+        _require_library().paged_prefill_attention_f32,
+        q.contiguous(),
+        cache_k,
+        cache_v,
+        out,
+        starts.data_ptr(),
+        q_lens.data_ptr(),
+        context_lens.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        chunks.shape[0],
+    )
 
 
 @dataclass
@@ -246,7 +306,8 @@ def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
 
 
 def elementwise_available(*tensors: torch.Tensor) -> bool:
-    """Whether `rms_norm`/`silu_mul` serve these tensors (contiguous float32 on the CPU)."""
+    """Whether the row-wise kernels (`rms_norm`, `silu_mul`, `write_kv`) serve these tensors
+    (contiguous float32 on the CPU)."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and all(t.is_contiguous() for t in tensors)
@@ -278,3 +339,53 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a.data_ptr(), b.data_ptr(), a.data_ptr(), a.numel(), torch.get_num_threads()
     )
     return a
+
+
+def rotary_available(x: torch.Tensor, freqs_cis: torch.Tensor) -> bool:
+    """Whether `rotary_` serves `x` (contiguous float32 on the CPU) and `freqs_cis` (contiguous
+    complex64)."""
+    return (
+        freqs_cis.dtype == torch.complex64
+        and freqs_cis.is_contiguous()
+        and elementwise_available(x)
+    )
+
+
+def rotary_(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE in place on `x (T, heads, hd)` by complex64 `freqs_cis (T, hd/2)`: each pair
+    `(x[2i], x[2i+1])` times `freqs_cis[t, i]` as a complex product, rounded as torch rounds it.
+    `x` is a temporary the caller gives up."""
+    tokens, heads, head_dim = x.shape
+    if freqs_cis.shape != (tokens, head_dim // 2) or freqs_cis.dtype != torch.complex64:
+        raise ValueError(f"freqs_cis {tuple(freqs_cis.shape)} does not fit x {tuple(x.shape)}")
+    _require_library().rotary_f32(
+        x.data_ptr(), freqs_cis.data_ptr(), tokens, heads, head_dim, torch.get_num_threads()
+    )
+    return x
+
+
+def write_kv(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Copy `k`, `v (T, n_kv, hd)` (contiguous float32) into cache rows `slot_mapping (T,)` (int64)
+    of one layer's `(num_blocks, block_size, n_kv, hd)` caches."""
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        raise ValueError("slot_mapping must be contiguous int64")
+    num_slots = cache_k.shape[0] * cache_k.shape[1]
+    row = k.shape[1] * k.shape[2]
+    status = _require_library().write_kv_f32(
+        k.data_ptr(),
+        v.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        slot_mapping.data_ptr(),
+        k.shape[0],
+        row,
+        num_slots,
+    )
+    if status != 0:
+        raise IndexError(f"a KV slot is outside the cache's {num_slots} slots")

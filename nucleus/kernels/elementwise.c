@@ -1,6 +1,7 @@
-/* Row-wise float32 operations of the Llama block, one pass each, for the CPU: RMSNorm and the
- * SwiGLU gate. torch spends six passes (and temporaries) on the first and two on the second,
- * which at decode batch sizes cost more in dispatch than in arithmetic. Same formulas as
+/* Row-wise float32 operations of the Llama block, one pass each, for the CPU: RMSNorm, the
+ * SwiGLU gate and RoPE. torch spends six passes (and temporaries) on the first, two on the second
+ * and eight ops on the third, which at decode batch sizes cost more in dispatch than in
+ * arithmetic. Same formulas as
  * nucleus.model: x * rsqrt(mean(x^2) + eps) * weight, and silu(a) * b with silu(a) = a / (1 +
  * exp(-a)); only the summation order of the mean differs. Built by nucleus/kernels/cpu.py.
  */
@@ -57,5 +58,26 @@ void silu_mul_f32(const float *a, const float *b, float *out, int64_t n, int num
         }
 #endif
         for (; i < end; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    }
+}
+
+/* RoPE in place: each pair (x[2i], x[2i+1]) of x (T, heads, head_dim) times freqs[t, i] =
+ * (cos, sin) of freqs (T, head_dim / 2, 2), as the complex product (a c - b d, a d + b c) with
+ * each product rounded: what torch's complex multiply computes. */
+void rotary_f32(float *x, const float *freqs, int64_t T, int64_t heads, int64_t head_dim,
+                int num_threads) {
+    const int64_t pairs = head_dim / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T * heads * head_dim > 65536)
+    for (int64_t t = 0; t < T; t++) {
+        const float *f = freqs + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float *xh = x + (t * heads + h) * head_dim;
+            for (int64_t i = 0; i < pairs; i++) {
+                const float a = xh[2 * i], b = xh[2 * i + 1];
+                const float c = f[2 * i], d = f[2 * i + 1];
+                xh[2 * i] = a * c - b * d;
+                xh[2 * i + 1] = a * d + b * c;
+            }
+        }
     }
 }

@@ -1,4 +1,5 @@
-/* Decode attention straight from the paged KV cache, float32, for the CPU.
+/* Decode attention straight from the paged KV cache, float32, for the CPU; and the store of new
+ * keys and values into their cache slots (one copy per row, where index_copy_ dispatches twice).
  *
  * The torch path gathers every sequence's blocks into a padded (B, max_context, ...) copy and then
  * runs attention over it: the cache is read twice, written once, and short sequences pay for the
@@ -10,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -124,5 +126,194 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
         }
         free(scores);
     }
+    return failed ? -1 : 0;
+}
+
+/* Store new keys and values k, v (T, row) at cache rows slots[t] of cache_k, cache_v
+ * (num_slots, row). Returns 0, or -1 (nothing written) if a slot is out of range. */
+int write_kv_f32(const float *k, const float *v, float *cache_k, float *cache_v,
+                 const int64_t *slots, int64_t T, int64_t row, int64_t num_slots) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(cache_k + slots[t] * row, k + t * row, sizeof(float) * row);
+        memcpy(cache_v + slots[t] * row, v + t * row, sizeof(float) * row);
+    }
+    return 0;
+}
+
+#define MR 6  /* query rows per register tile */
+#define NR 16 /* keys (score pass) or value columns (value pass) per register tile */
+
+/* s[r][0..16) = scale * (q_r . k_j) for 16 keys j, from ROWS query rows q_r and kt, the keys
+ * transposed (head_dim, ld): the outer-product form of a matrix product, 12 FMAs per 2 panel
+ * loads and 6 broadcasts. ROWS is a compile-time constant at each call site. */
+static inline __attribute__((always_inline)) void score_tile(const float *const *qr,
+                                                             const float *kt, int64_t ld,
+                                                             int64_t head_dim, float scale,
+                                                             float *s, const int ROWS) {
+#ifdef __AVX2__
+    __m256 acc[MR][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d++) {
+        const __m256 k0 = _mm256_loadu_ps(kt + d * ld), k1 = _mm256_loadu_ps(kt + d * ld + 8);
+        for (int r = 0; r < ROWS; r++) {
+            const __m256 qv = _mm256_broadcast_ss(qr[r] + d);
+            acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+        }
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int r = 0; r < ROWS; r++) {
+        _mm256_storeu_ps(s + r * ld, _mm256_mul_ps(acc[r][0], sc));
+        _mm256_storeu_ps(s + r * ld + 8, _mm256_mul_ps(acc[r][1], sc));
+    }
+#else
+    for (int r = 0; r < ROWS; r++)
+        for (int j = 0; j < NR; j++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) acc += qr[r][d] * kt[d * ld + j];
+            s[r * ld + j] = acc * scale;
+        }
+#endif
+}
+
+/* o_r[col .. col + 16) = sum over j < keys of p[r][j] * v_j[col .. col + 16), v_j = v_rows[j]. */
+static inline __attribute__((always_inline)) void value_tile(const float *p, int64_t ld,
+                                                             const float *const *v_rows,
+                                                             int64_t col, int64_t keys,
+                                                             float *const *orow, const int ROWS) {
+#ifdef __AVX2__
+    __m256 acc[MR][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < keys; j++) {
+        const float *v = v_rows[j] + col;
+        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+        for (int r = 0; r < ROWS; r++) {
+            const __m256 pv = _mm256_broadcast_ss(p + r * ld + j);
+            acc[r][0] = _mm256_fmadd_ps(pv, v0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(pv, v1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        _mm256_storeu_ps(orow[r] + col, acc[r][0]);
+        _mm256_storeu_ps(orow[r] + col + 8, acc[r][1]);
+    }
+#else
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < NR; c++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < keys; j++) acc += p[r * ld + j] * v_rows[j][col + c];
+            orow[r][col + c] = acc;
+        }
+#endif
+}
+
+#define BY_ROWS(rows, call, ...)                        \
+    switch (rows) {                                     \
+        case 6: call(__VA_ARGS__, 6); break;            \
+        case 5: call(__VA_ARGS__, 5); break;            \
+        case 4: call(__VA_ARGS__, 4); break;            \
+        case 3: call(__VA_ARGS__, 3); break;            \
+        case 2: call(__VA_ARGS__, 2); break;            \
+        default: call(__VA_ARGS__, 1); break;           \
+    }
+
+/* Query rows row0 .. row0 + rows (row = local position * group + head in the group) of KV head
+ * g of one chunk, attending causally: scores against kt (this head's keys transposed, (head_dim,
+ * ld)), softmax over each row's visible keys, then the values (v_rows: each key's values of this
+ * head). s: scratch of MR rows of ld floats. */
+static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld,
+                         const float *const *v_rows, float *s, int64_t row0, int64_t rows,
+                         int64_t g, int64_t group, int64_t first_pos, int64_t n_heads,
+                         int64_t head_dim, float scale) {
+    const float *qr[MR];
+    float *orow[MR];
+    int64_t visible[MR] = {0}; /* how many keys row r sees: its position + 1 */
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t t = (row0 + r) / group, h = g * group + (row0 + r) % group;
+        qr[r] = q + (t * n_heads + h) * head_dim;
+        orow[r] = out + (t * n_heads + h) * head_dim;
+        visible[r] = first_pos + t + 1;
+    }
+    const int64_t keys_min = visible[0], keys_max = visible[rows - 1];
+
+    for (int64_t j0 = 0; j0 < keys_max; j0 += NR)
+        BY_ROWS(rows, score_tile, qr, kt + j0, ld, head_dim, scale, s + j0)
+    for (int64_t r = 0; r < rows; r++) softmax(s + r * ld, visible[r]);
+
+    /* Keys every row of the tile sees go through the register tile; the few after them (the
+     * diagonal) are added row by row, so no row reads a value it must not see. */
+    for (int64_t col = 0; col < head_dim; col += NR)
+        BY_ROWS(rows, value_tile, s, ld, v_rows, col, keys_min, orow)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = keys_min; j < visible[r]; j++)
+            for (int64_t d = 0; d < head_dim; d++) orow[r][d] += s[r * ld + j] * v_rows[j][d];
+}
+
+/* Causal attention of prefill chunks, reading the paged cache in place. Chunk c has q_lens[c]
+ * query rows starting at flat row starts[c] of q and out ((T, n_heads, head_dim)), the last
+ * q_lens[c] positions of its context_lens[c] keys, found through block_tables[c]. head_dim must
+ * be a multiple of 16. Per chunk, each KV head's keys are first transposed into scratch, then
+ * tiles of 6 query rows of one KV head (its query heads side by side) are the parallel tasks.
+ * Returns 0, or -1 if a scratch allocation failed. */
+int paged_prefill_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+                                float *out, const int64_t *starts, const int64_t *q_lens,
+                                const int64_t *context_lens, const int64_t *block_tables,
+                                int64_t table_width, int64_t num_chunks, int64_t n_heads,
+                                int64_t n_kv_heads, int64_t head_dim, int64_t block_size,
+                                float scale, int num_threads) {
+    const int64_t group = n_heads / n_kv_heads;
+    const int64_t row_stride = n_kv_heads * head_dim;
+    const int64_t block_stride = block_size * row_stride;
+    int64_t max_context = 1;
+    for (int64_t c = 0; c < num_chunks; c++)
+        if (context_lens[c] > max_context) max_context = context_lens[c];
+    const int64_t ld = (max_context + NR - 1) / NR * NR;
+    float *kt = calloc((size_t)(n_kv_heads * head_dim * ld), sizeof(float));
+    const float **v_rows = malloc(sizeof(float *) * n_kv_heads * ld);
+    if (!kt || !v_rows) {
+        free(kt);
+        free(v_rows);
+        return -1;
+    }
+    int failed = 0;
+
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *s = malloc(sizeof(float) * MR * ld);
+        if (!s) failed = 1;
+        for (int64_t c = 0; c < num_chunks; c++) {
+            const int64_t context = context_lens[c], first_pos = context - q_lens[c];
+            const int64_t *table = block_tables + c * table_width;
+            const int64_t rows = q_lens[c] * group, tiles = (rows + MR - 1) / MR;
+            const float *qc = q + starts[c] * n_heads * head_dim;
+            float *oc = out + starts[c] * n_heads * head_dim;
+
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < context; j++) {
+                const int64_t slot = table[j / block_size] * block_stride +
+                                     (j % block_size) * row_stride;
+                for (int64_t g = 0; g < n_kv_heads; g++) {
+                    const float *k = k_cache + slot + g * head_dim;
+                    float *ktg = kt + g * head_dim * ld;
+                    for (int64_t d = 0; d < head_dim; d++) ktg[d * ld + j] = k[d];
+                    v_rows[g * ld + j] = v_cache + slot + g * head_dim;
+                }
+            }
+            /* Later tiles see more keys: hand them out first. */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = n_kv_heads * tiles - 1; task >= 0; task--) {
+                if (!s) continue;
+                const int64_t g = task / tiles, row0 = (task % tiles) * MR;
+                const int64_t n = rows - row0 < MR ? rows - row0 : MR;
+                prefill_tile(qc, oc, kt + g * head_dim * ld, ld, v_rows + g * ld, s, row0, n, g,
+                             group, first_pos, n_heads, head_dim, scale);
+            }
+        }
+        free(s);
+    }
+    free(kt);
+    free(v_rows);
     return failed ? -1 : 0;
 }

@@ -1,4 +1,4 @@
-/* AVX2 helpers shared by the CPU kernels (nucleus/kernels/*.c). */
+/* AVX2 helpers shared by the C sources of the CPU kernels (nucleus/kernels). */
 #ifndef NUCLEUS_SIMD_H
 #define NUCLEUS_SIMD_H
 

@@ -1,8 +1,9 @@
 """The C kernels of `nucleus.kernels.cpu` against torch on the same inputs.
 
-Oracles: a float64 torch product of the dequantized weight (block-int8 linear), and the portable
-torch attention (`nucleus.attention.paged_attention`, itself checked against transformers) for
-decode attention. Tolerance: 1e-5 relative (float32; only the summation order differs).
+Oracles: a float64 torch product of the dequantized weight (block-int8 linear), the portable torch
+attention (`nucleus.attention.paged_attention`, itself checked against transformers) for decode
+and prefill attention, float64 formulas for RMSNorm and RoPE, `index_copy_` for the KV store.
+Tolerance: 1e-5 relative (float32; only the summation order differs).
 """
 
 from __future__ import annotations
@@ -117,22 +118,59 @@ def test_paged_decode_attention_propagates_nan_in_the_cache_of_that_sequence_onl
     assert torch.isnan(out[1, 2:, 0]).all()  # the heads reading KV head 1
 
 
-def test_the_engine_attention_plan_uses_the_kernel_and_agrees_with_the_torch_path(monkeypatch):
-    contexts, q_lens = [33, 7, 64, 12], [1, 7, 1, 12]  # decodes mixed with prefill chunks
-    _, cache_k, cache_v, tables = _paged_setup(contexts, 6, 2, 32, seed=3)
-    q = torch.randn(sum(q_lens), 6, 32)
+def _planned_against_reference(q_lens, contexts, n_heads, n_kv, head_dim, seed=3, edit=None):
+    """The engine's planned attention and the unplanned torch reference on the same inputs."""
+    _, cache_k, cache_v, tables = _paged_setup(contexts, n_heads, n_kv, head_dim, seed=seed)
+    if edit is not None:
+        edit(cache_k, cache_v, tables)
+    q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(seed))
     planned = AttentionMetadata.build(q_lens, contexts, tables, 16, "cpu", planned=True)
-    calls = []
-    real = cpu_kernels.paged_decode_attention
-    monkeypatch.setattr(
-        cpu_kernels, "paged_decode_attention", lambda *a: calls.append(1) or real(*a)
-    )
     with torch.inference_mode():  # as the model runs (the torch path reuses inference buffers)
         ours = paged_attention(q, cache_k, cache_v, planned)
-    assert calls == [1]
     ref = paged_attention(
         q, cache_k, cache_v, AttentionMetadata.build(q_lens, contexts, tables, 16, "cpu")
     )
+    return ours, ref
+
+
+def test_the_engine_attention_plan_uses_the_kernels_and_agrees_with_the_torch_path(monkeypatch):
+    calls = []
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, name=name, real=real: calls.append(name) or real(*a)
+        )
+    # Decodes mixed with prefill chunks, one of them part-way through its context.
+    ours, ref = _planned_against_reference([1, 7, 1, 12], [33, 7, 64, 40], 6, 2, 32)
+    assert calls == ["paged_decode_attention", "paged_prefill_attention"]
+    assert_close(ours, ref)
+
+
+# Chunks from position 0 and part-way through (prefix hits, chunked prefill), query lengths
+# that leave partial 6-row tiles, contexts across block boundaries; GQA groups 3, 1, 4, 4.
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "head_dim"), [(9, 3, 64), (8, 8, 64), (8, 2, 128), (4, 1, 16)]
+)
+def test_paged_prefill_attention_equals_the_torch_backend(n_heads, n_kv, head_dim):
+    q_lens, contexts = [2, 17, 1, 5, 64, 300], [2, 17, 9, 37, 200, 300]
+    ours, ref = _planned_against_reference(q_lens, contexts, n_heads, n_kv, head_dim)
+    assert_close(ours, ref)
+
+
+def test_prefill_attention_is_causal_even_for_nan_values_at_later_positions():
+    def poison(cache_k, cache_v, tables):  # position 10 of the only sequence
+        cache_k[tables[0][0], 10] = float("nan")
+        cache_v[tables[0][0], 10] = float("nan")
+
+    ours, _ = _planned_against_reference([20], [20], 6, 2, 32, edit=poison)
+    assert torch.isfinite(ours[:10]).all()  # rows before position 10 never read it
+    assert torch.isnan(ours[10:]).all()
+
+
+def test_prefill_attention_needs_a_head_size_of_a_multiple_of_16():
+    cache = torch.zeros(1, 16, 1, 24)
+    assert not cpu_kernels.prefill_attention_available(torch.zeros(2, 4, 24), cache)
+    ours, ref = _planned_against_reference([5, 9], [5, 20], 4, 1, 24)  # the torch path
     assert_close(ours, ref)
 
 
@@ -201,3 +239,32 @@ def test_elementwise_kernels_propagate_nan():
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
     a = torch.tensor([float("nan"), 1.0] * 8)
     assert torch.isnan(cpu_kernels.silu_mul(a, torch.ones(16))[::2]).all()
+
+
+@pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(1, 9, 64), (37, 3, 64), (600, 8, 128)])
+def test_rotary_equals_the_complex_product_in_place(tokens, heads, head_dim):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, heads, head_dim, generator=g)
+    angles = torch.rand(tokens, head_dim // 2, generator=g) * 100
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)
+    exact = torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * freqs_cis.cdouble()[:, None]
+    out = cpu_kernels.rotary_(x, freqs_cis)
+    assert out is x
+    assert_close(out, torch.view_as_real(exact).flatten(-2))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.rotary_(x, freqs_cis[:, :-1].contiguous())
+
+
+def test_write_kv_equals_index_copy_and_refuses_slots_outside_the_cache():
+    g = torch.Generator().manual_seed(0)
+    cache_k, cache_v = torch.zeros(4, 16, 2, 32), torch.zeros(4, 16, 2, 32)
+    k, v = torch.randn(5, 2, 32, generator=g), torch.randn(5, 2, 32, generator=g)
+    slots = torch.tensor([63, 0, 17, 18, 40])
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    ref_k.view(-1, 2, 32).index_copy_(0, slots, k)
+    ref_v.view(-1, 2, 32).index_copy_(0, slots, v)
+    cpu_kernels.write_kv(cache_k, cache_v, k, v, slots)
+    assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)
+    with pytest.raises(IndexError, match="64 slots"):
+        cpu_kernels.write_kv(cache_k, cache_v, k * 2, v * 2, torch.tensor([1, 2, 3, 4, 64]))
+    assert torch.equal(cache_k, ref_k)  # nothing written
