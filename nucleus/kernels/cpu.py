@@ -353,7 +353,7 @@ def rotary_available(x: torch.Tensor, freqs_cis: torch.Tensor) -> bool:
 
 def rotary_(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """RoPE in place on `x (T, heads, hd)` by complex64 `freqs_cis (T, hd/2)`: each pair
-    `(x[2i], x[2i+1])` times `freqs_cis[t, i]` as a complex product, rounded as torch rounds it.
+    `(x[2i], x[2i+1])` times `freqs_cis[t, i]` as a complex product (torch's up to the last bit).
     `x` is a temporary the caller gives up."""
     tokens, heads, head_dim = x.shape
     if freqs_cis.shape != (tokens, head_dim // 2) or freqs_cis.dtype != torch.complex64:

@@ -1,9 +1,10 @@
 /* Row-wise float32 operations of the Llama block, one pass each, for the CPU: RMSNorm, the
  * SwiGLU gate and RoPE. torch spends six passes (and temporaries) on the first, two on the second
  * and eight ops on the third, which at decode batch sizes cost more in dispatch than in
- * arithmetic. Same formulas as
- * nucleus.model: x * rsqrt(mean(x^2) + eps) * weight, and silu(a) * b with silu(a) = a / (1 +
- * exp(-a)); only the summation order of the mean differs. Built by nucleus/kernels/cpu.py.
+ * arithmetic. Same formulas as nucleus.model: x * rsqrt(mean(x^2) + eps) * weight, silu(a) * b
+ * with silu(a) = a / (1 + exp(-a)), and RoPE's complex product; only the summation order of the
+ * mean, and the rounding of the product's sums (see rotary_f32), differ. Built by
+ * nucleus/kernels/cpu.py.
  */
 #include <math.h>
 #include <stdint.h>
@@ -62,8 +63,10 @@ void silu_mul_f32(const float *a, const float *b, float *out, int64_t n, int num
 }
 
 /* RoPE in place: each pair (x[2i], x[2i+1]) of x (T, heads, head_dim) times freqs[t, i] =
- * (cos, sin) of freqs (T, head_dim / 2, 2), as the complex product (a c - b d, a d + b c) with
- * each product rounded: what torch's complex multiply computes. */
+ * (cos, sin) of freqs (T, head_dim / 2, 2), as the complex product (a c - b d, a d + b c), each
+ * product and sum rounded (the build does not contract them into FMAs). torch's vectorised
+ * complex multiply fuses some of these steps, so the two differ in the last bit of about a
+ * quarter of the values; both are within one rounding of the exact product. */
 void rotary_f32(float *x, const float *freqs, int64_t T, int64_t heads, int64_t head_dim,
                 int num_threads) {
     const int64_t pairs = head_dim / 2;

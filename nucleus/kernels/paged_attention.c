@@ -1,12 +1,14 @@
-/* Decode attention straight from the paged KV cache, float32, for the CPU; and the store of new
- * keys and values into their cache slots (one copy per row, where index_copy_ dispatches twice).
+/* Attention straight from the paged KV cache, float32, for the CPU: decode rows, causal prefill
+ * chunks, and the store of new keys and values into their cache slots (one copy per row, where
+ * index_copy_ dispatches twice).
  *
  * The torch path gathers every sequence's blocks into a padded (B, max_context, ...) copy and then
  * runs attention over it: the cache is read twice, written once, and short sequences pay for the
- * longest. Here each sequence is one task that reads its own blocks in place, a whole cache row
- * (every KV head) at a time. Arithmetic: scores = q.k * scale, softmax in float32 (max
+ * longest. Here decode attention is one task per sequence that reads its own blocks in place, a
+ * whole cache row (every KV head) at a time; prefill attention is a register-tiled product over
+ * each chunk's own keys (below). Arithmetic: scores = q.k * scale, softmax in float32 (max
  * subtracted), the probability-weighted sum of values. NaN in q or the cache propagates to the
- * output. Built and loaded by nucleus/kernels/cpu.py.
+ * output of the rows that see it. Built and loaded by nucleus/kernels/cpu.py.
  */
 #include <math.h>
 #include <stdint.h>
