@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(levels)
     print(table)
     meta = {
-        "model": args.model or "SmolLM2-135M-Instruct (default, GGUF Q4_1 dequantized)",
+        "model": args.model or "SmolLM2-135M-Instruct (default GGUF, 8-bit block CPU kernels)",
         "machine": _device(args.server_arg),
         "python": platform.python_version(),
         "torch": _torch_version(),
