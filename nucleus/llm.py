@@ -142,7 +142,7 @@ class LLM:
         num_threads: int | None = None,
         **engine_options: Any,
     ) -> None:
-        from nucleus.loaders import build_transformer, load_model_files
+        from nucleus.loaders import load_model_files
 
         unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
         if unknown:
@@ -161,13 +161,7 @@ class LLM:
         self.model_name = files.name
         self.chat_format = files.chat
         self.tokenizer = files.tokenizer
-        self.model = build_transformer(
-            files.config,
-            files.weights,
-            device=self.device,
-            dtype=self.dtype,
-            block_int8=files.block_int8,
-        )
+        self.model = files.build_model(device=self.device, dtype=self.dtype)
         del files
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_options))
         self._ids = itertools.count()

@@ -103,6 +103,12 @@ class ModelFiles:
     # Weights a GGUF stores as 8-bit blocks (Q8_0/Q4_0/Q4_1), in that form, for `build_transformer`.
     block_int8: dict[str, BlockInt8Weight] = field(default_factory=dict)
 
+    def build_model(self, *, device: torch.device | str, dtype: torch.dtype) -> Transformer:
+        """`build_transformer` from these files: their config, weights and 8-bit blocks."""
+        return build_transformer(
+            self.config, self.weights, device=device, dtype=dtype, block_int8=self.block_int8
+        )
+
 
 def _chat_for(
     tokenizer: Tokenizer | HFTokenizer, template: str | None
