@@ -32,7 +32,6 @@ class ToyTokenizer:
 def tiny_model(
     *, vocab_size: int, dim: int, ffn: int, max_len: int, std: float, seed: int
 ) -> Transformer:
-    torch.manual_seed(seed)
     config = ModelConfig(
         dim=dim,
         n_layers=2,
@@ -43,6 +42,8 @@ def tiny_model(
         max_position_embeddings=max_len,
     )
     model = Transformer(config)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=std)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std, generator=g)
     return model.eval()

@@ -19,11 +19,14 @@ from typing import Any
 import torch
 
 from nucleus.config import ModelConfig
+from nucleus.distributed.layers import local_units
 
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer: `(n_layers, num_blocks, block_size, n_kv_heads, head_dim)`."""
+    """Keys and values of every layer: `(n_layers, num_blocks, block_size, n_kv_heads, head_dim)`,
+    where `n_kv_heads` are the KV heads of this rank (of a tensor-parallel group of `world_size`:
+    its share, or the one it replicates when there are fewer KV heads than ranks)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -36,17 +39,23 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        world_size: int = 1,
     ) -> KVCache:
-        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        n_kv = local_units(config.n_kv_heads, world_size)
+        shape = (config.n_layers, num_blocks, block_size, n_kv, config.head_dim)
         return cls(
             k=torch.zeros(shape, dtype=dtype, device=device),
             v=torch.zeros(shape, dtype=dtype, device=device),
         )
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1
+    ) -> int:
+        """The bytes of one block on each rank."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * itemsize
+        n_kv = local_units(config.n_kv_heads, world_size)
+        return 2 * config.n_layers * block_size * n_kv * config.head_dim * itemsize
 
     @property
     def num_blocks(self) -> int:

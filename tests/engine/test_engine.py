@@ -17,7 +17,8 @@ V = 64
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    return tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)
+    # Seed 2: greedy continuations free of the toy stop token (the stop-string test needs text).
+    return tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=2)
 
 
 def naive_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
@@ -91,7 +92,7 @@ def test_every_attention_backend_gives_the_tokens_of_the_plain_loop(model, backe
         pytest.skip("no C compiler: the CPU kernels are not built")
     if backend == "triton" and not triton_usable("cpu"):
         pytest.skip("Triton is not installed")
-    fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)  # same weights
+    fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=2)  # same weights
     if backend == "triton":
         from nucleus.ops.triton_ops import TritonOps
 
