@@ -119,7 +119,8 @@ def random_meta_weights(
 def write_meta_checkpoint(
     path: Path, shape: Shape, weights: dict[str, torch.Tensor], shards: int = 1
 ) -> Path:
-    """`params.json` + `consolidated.NN.pth`, split across `shards` files as fairscale splits them."""
+    """`params.json` + `consolidated.NN.pth`, split across `shards` files as fairscale splits them
+    (with more shards than KV heads, each KV head's rows repeated first, as llama-models does)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.json").write_text(json.dumps(shape.meta_params()))
     row_parallel = ("attention.wo", "feed_forward.w2")
@@ -129,9 +130,12 @@ def write_meta_checkpoint(
         for name, tensor in weights.items():
             if name.rsplit(".", 2)[-2].endswith(replicated) or shards == 1:
                 shard[name] = tensor.clone()
-            else:
-                dim = 1 if any(k in name for k in row_parallel) else 0
-                shard[name] = tensor.chunk(shards, dim=dim)[r].clone()
+                continue
+            dim = 1 if any(k in name for k in row_parallel) else 0
+            if name.endswith(("wk.weight", "wv.weight")) and shards > shape.n_kv_heads:
+                heads = tensor.view(shape.n_kv_heads, -1, shape.dim)
+                tensor = heads.repeat_interleave(shards // shape.n_kv_heads, 0).flatten(0, 1)
+            shard[name] = tensor.chunk(shards, dim=dim)[r].clone()
         torch.save(shard, path / f"consolidated.{r:02d}.pth")
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from nucleus.assets import asset_path
 from nucleus.chat_template import ChatTemplate
 from nucleus.config import ModelConfig
+from nucleus.distributed import TensorParallel, checkpoint_layout
 from nucleus.hf_tokenizer import HFTokenizer
 from nucleus.kernels.cpu import BlockInt8Weight
 from nucleus.linear import Linear, fuse_parts
@@ -24,6 +26,7 @@ from nucleus.loaders.gguf import (
 )
 from nucleus.loaders.hf import is_hf_checkpoint, load_hf_checkpoint
 from nucleus.loaders.meta import is_meta_checkpoint, load_meta_checkpoint
+from nucleus.loaders.weights import Weights
 from nucleus.model import Transformer, rope_frequencies
 from nucleus.tokenizer import ChatFormat, Tokenizer
 
@@ -33,52 +36,48 @@ LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_
 # Tensors some checkpoints carry that the model recomputes (Llama 2-era Meta `rope.freqs`).
 _IGNORED_EXTRAS = {"rope.freqs"}
 
-__all__ = ["CheckpointError", "ModelFiles", "build_transformer", "load_model_files"]
+__all__ = ["CheckpointError", "ModelFiles", "Weights", "build_transformer", "load_model_files"]
 
 
 def build_transformer(
     config: ModelConfig,
-    weights: dict[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
     *,
     device: torch.device | str,
     dtype: torch.dtype,
     block_int8: dict[str, BlockInt8Weight] | None = None,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
     """Make the model on `device` in `dtype` from `weights` (checkpoint names: Meta's), checking
     names and shapes strictly, then choose its kernels (`Transformer.bind_kernels`).
 
     The model is created on the meta device and each weight is converted and assigned in turn, so
     at most one weight is in flight beside the (memory-mapped) checkpoint; the parts of a fused
-    `Linear` (Q/K/V, gate/up) are copied into place in its weight. `block_int8` (a GGUF's 8-bit
-    block form of some weights, `ModelFiles.block_int8`) is used by a float32 CPU model's linears,
-    for the CPU kernels; other placements ignore it.
+    `Linear` (Q/K/V, gate/up) are copied into place in its weight. With `tp` (a rank of a
+    tensor-parallel group), the model is that rank's shard and each weight is the rank's piece,
+    as the model's split table says (`Weights.local`). `block_int8` (a GGUF's 8-bit block form of
+    some weights, `ModelFiles.block_int8`) is used by a float32 CPU model's linears, for the CPU
+    kernels, on one device; other placements ignore it.
     """
+    tp = tp or TensorParallel()
     with torch.device("meta"):
-        model = Transformer(config)
-    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Linear)}
-    expected: dict[str, tuple[int, ...]] = {}  # checkpoint name -> shape
-    for name, param in model.state_dict().items():
-        if name in linears:
-            layer = model.get_submodule(linears[name])
-            parts = layer.checkpoint_names(model.checkpoint_name(linears[name]))
-            expected.update({part: (width, layer.in_features) for part, width in parts.items()})
-        else:
-            expected[name] = tuple(param.shape)
-    given = set(weights) - _IGNORED_EXTRAS
-    missing = sorted(set(expected) - given)
-    unexpected = sorted(given - set(expected))
+        model = Transformer(config, tp)
+    layout = checkpoint_layout(model)
+    source = weights if isinstance(weights, Weights) else Weights(weights)
+    given = source.names(tp.rank, tp.world_size) - _IGNORED_EXTRAS
+    missing = sorted(set(layout) - given)
+    unexpected = sorted(given - set(layout))
     if missing or unexpected:
         raise CheckpointError(
             "checkpoint does not match the model config: "
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise CheckpointError(
-                f"checkpoint tensor {name!r} has shape {tuple(weights[name].shape)}, "
-                f"the model config needs {shape}"
-            )
+
+    def local(name: str) -> torch.Tensor:
+        return source.local(name, layout[name], tp.rank, tp.world_size)
+
+    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Linear)}
     state: dict[str, torch.Tensor] = {}
     placed: dict[str, torch.Tensor] = {}  # by checkpoint name: a tied head reuses the embedding
     # Reading memory-mapped Meta/HF weights and converting them is where loading spends its time.
@@ -93,21 +92,23 @@ def build_transformer(
     )
     for name in progress:
         if name not in linears:
-            state[name] = placed[name] = weights[name].to(device=device, dtype=dtype)
+            state[name] = placed[name] = local(name).to(device=device, dtype=dtype)
             continue
         layer_name = model.checkpoint_name(linears[name])
         if f"{layer_name}.weight" in placed:
             state[name] = placed[f"{layer_name}.weight"]
             continue
         layer = model.get_submodule(linears[name])
-        state[name] = fuse_parts(layer, layer_name, weights, device=device, dtype=dtype)
+        parts = {part: local(part) for part in layer.checkpoint_names(layer_name)}
+        state[name] = fuse_parts(layer, layer_name, parts, device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()  # assignment gave the head its own Parameter over the same tensor
     # The RoPE frequencies are a non-persistent buffer: compute them for real on the target device.
     model.rope_freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).to(
         device
     )
-    model.bind_kernels(block_int8)
+    # The 8-bit blocks are whole matrices: a rank's shard multiplies its dense piece instead.
+    model.bind_kernels(block_int8 if tp.world_size == 1 else None)
     return model.eval()
 
 
@@ -117,16 +118,24 @@ class ModelFiles:
 
     name: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]
     tokenizer: Tokenizer | HFTokenizer
     chat: ChatFormat | ChatTemplate
     # Weights a GGUF stores as 8-bit blocks (Q8_0/Q4_0/Q4_1), in that form, for `build_transformer`.
     block_int8: dict[str, BlockInt8Weight] = field(default_factory=dict)
 
-    def build_model(self, *, device: torch.device | str, dtype: torch.dtype) -> Transformer:
-        """`build_transformer` from these files: their config, weights and 8-bit blocks."""
+    def build_model(
+        self, *, device: torch.device | str, dtype: torch.dtype, tp: TensorParallel | None = None
+    ) -> Transformer:
+        """`build_transformer` from these files: their config, weights and 8-bit blocks (for
+        rank `tp` of a tensor-parallel group: its shard)."""
         return build_transformer(
-            self.config, self.weights, device=device, dtype=dtype, block_int8=self.block_int8
+            self.config,
+            self.weights,
+            device=device,
+            dtype=dtype,
+            block_int8=self.block_int8,
+            tp=tp,
         )
 
 
