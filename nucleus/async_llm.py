@@ -18,8 +18,9 @@ Failure handling (one request never takes the others down):
   (finish_reason "error", the exception's message) and frees their KV blocks; waiting requests are
   kept and the loop goes on serving. If nothing was running, the waiting requests are failed too,
   so that a request that breaks scheduling cannot wedge the loop. The traceback is logged.
-- if the engine thread itself dies (a bug outside a step), every open stream ends with an error
-  and new requests raise `EngineDeadError`.
+- if the engine thread itself dies (a bug outside a step), or the model's tensor-parallel group
+  ends (a worker process died or failed: `TensorParallelError`), every open stream ends with an
+  error and new requests raise `EngineDeadError`.
 
 `max_waiting` bounds the requests queued and not yet running: beyond it `generate` raises
 `QueueFull` at once (the server answers 503). `shutdown()` aborts every request (their streams end
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 
+from nucleus.distributed import TensorParallelError
 from nucleus.engine.engine import LLMEngine
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
@@ -100,6 +102,7 @@ class AsyncLLM:
         max_waiting: int | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
+        tensor_parallel_size: int = 1,
         **engine_options: Any,
     ) -> None:
         from nucleus.llm import LLM
@@ -111,6 +114,7 @@ class AsyncLLM:
             tokenizer=tokenizer,
             seed=seed,
             num_threads=num_threads,
+            tensor_parallel_size=tensor_parallel_size,
             **engine_options,
         )
         self._setup(llm.engine, llm.chat_format, llm.model_name, max_waiting)
@@ -260,7 +264,8 @@ class AsyncLLM:
             self._cv.notify()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Abort every request (streams end with "abort"), then stop the engine thread."""
+        """Abort every request (streams end with "abort"), then stop the engine thread (which
+        ends the engine's tensor-parallel workers, if any)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -309,6 +314,8 @@ class AsyncLLM:
                     continue
                 try:
                     outputs = engine.step()
+                except TensorParallelError:
+                    raise  # the model is gone: no step can run again
                 except Exception as e:
                     self.num_step_errors += 1
                     logger.exception("engine step failed; failing the running requests")
@@ -324,6 +331,8 @@ class AsyncLLM:
                         error_output(rid, [], SamplingParams(), f"engine thread died: {e!r}"),
                     )
             raise
+        finally:
+            engine.shutdown()
 
     def _drain(self) -> None:
         """At shutdown: abort everything still known, and report it."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from nucleus.engine.sequence import Sequence, SequenceStatus
 from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nucleus.distributed.workers import WorkerGroup
 
 
 @dataclass
@@ -60,7 +63,16 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Any, config: EngineConfig | None = None):
+    """`workers`: the other ranks of the model's tensor-parallel group, driven by the runner."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        *,
+        workers: WorkerGroup | None = None,
+    ):
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -99,6 +111,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             attention_backend=config.attention_backend,
+            workers=workers,
         )
         self._special_ids = (
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
@@ -295,6 +308,11 @@ class LLMEngine:
             metrics=req.metrics,
             num_cached_tokens=first.num_cached_tokens,
         )
+
+    def shutdown(self) -> None:
+        """End the worker processes of a tensor-parallel model (nothing to do otherwise)."""
+        if self.runner.workers is not None:
+            self.runner.workers.close()
 
     # ---- convenience ------------------------------------------------------------------------
     def generate(

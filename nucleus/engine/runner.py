@@ -3,17 +3,23 @@
 The only part of the engine that touches tensors. When it is built it allocates the KV cache,
 chooses the attention backend and the model's kernels (once: `select_backend`,
 `Transformer.bind_kernels`) and, on CUDA, captures the decode graphs (`graphs.DecodeStep`). Each
-step it lays the scheduled sequences out as one flat batch (input ids, positions, and the
-backend's metadata: slot mapping, block tables, context lengths), runs the model, computes logits
-only for the rows that are sampled (and the prompt rows whose logprobs are asked), and calls the
-`Sampler`. Decode-only steps on a backend that supports graphs go through `DecodeStep`'s static
-buffers instead. One host transfer per step brings the results back.
+step it plans the model's work (`ModelStep`: the scheduled sequences as one flat batch, and the
+rows that get logits: those sampled, and the prompt rows whose logprobs are asked), runs it (the
+model over the flat batch with the backend's metadata: slot mapping, block tables, context
+lengths; or, for decode-only steps on a backend that supports graphs, `DecodeStep`'s static
+buffers), and calls the `Sampler`. One host transfer per step brings the results back.
+
+Under tensor parallelism the runner of the engine's process drives the group: it sends each
+`ModelStep` to the workers (`nucleus.distributed.workers`), whose own runners run it in lockstep,
+each on its shard of the model and its KV heads; sampling happens here only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +29,9 @@ from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
 from nucleus.model import Transformer
 from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
+
+if TYPE_CHECKING:
+    from nucleus.distributed.workers import WorkerGroup
 
 GiB = 1 << 30
 
@@ -35,6 +44,33 @@ class StepResult:
     token_ids: list[int | None]
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class ModelStep:
+    """A step's work for the model, the same on every rank of a tensor-parallel group (plain
+    lists: the engine's process sends it to the workers). Row `i` computes tokens
+    `token_ids` (flat) at positions `starts[i] ..` through `block_tables[i]`; the hidden states
+    of flat rows `logit_rows` get logits. `decode`: one token per row, every row sampled, run on
+    `DecodeStep`'s buffers (and graphs)."""
+
+    token_ids: list[int]
+    starts: list[int]
+    num_tokens: list[int]
+    block_tables: list[list[int]]
+    logit_rows: list[int]
+    decode: bool = False
+
+
+@dataclass
+class _PromptRows:
+    """Prompt positions `first + 1 .. last` of `seq` get logprobs from the hidden states of its
+    positions `first .. last - 1`, which are flat rows `row ..` of the step."""
+
+    seq: Sequence
+    first: int
+    last: int
+    row: int
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -60,13 +96,15 @@ def auto_num_blocks(
     cpu_cap_bytes: int = 8 * GiB,
 ) -> int:
     """How many KV blocks to allocate: a fraction of free memory (CUDA: 0.9 of what is free after
-    the weights; CPU: 0.3 of available RAM, at most `cpu_cap_bytes`), never more than
-    `max_num_seqs` full-length sequences need, and never fewer than one sequence needs."""
-    per_block = KVCache.bytes_per_block(model.config, block_size, dtype)
+    the weights; CPU: 0.3 of available RAM, at most `cpu_cap_bytes`, shared by the ranks of a
+    tensor-parallel group), never more than `max_num_seqs` full-length sequences need, and never
+    fewer than one sequence needs. Every rank of a group holds as many blocks, of its KV heads."""
+    world = model.tp.world_size
+    per_block = KVCache.bytes_per_block(model.config, block_size, dtype, world)
     fraction = memory_fraction or (0.9 if device.type == "cuda" else 0.3)
     budget = int(available_memory_bytes(device) * fraction)
     if device.type != "cuda":
-        budget = min(budget, cpu_cap_bytes)
+        budget = min(budget, cpu_cap_bytes) // world
     one_seq = -(-max_model_len // block_size)
     useful = one_seq * max_num_seqs
     num = min(budget // per_block, useful)
@@ -93,6 +131,8 @@ class ModelRunner:
         max_model_len: the longest context a step may have.
         max_num_seqs: the most sequences in one step (the largest decode graph).
         enforce_eager: never capture or replay CUDA graphs.
+        workers: the other ranks of the model's tensor-parallel group (this runner drives them:
+            they build their runners with the same arguments and run every step with it).
     """
 
     def __init__(
@@ -107,28 +147,43 @@ class ModelRunner:
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         enforce_eager: bool = False,
+        workers: WorkerGroup | None = None,
     ) -> None:
+        self.workers = workers
         self.model = model
         self.config = model.config
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.dtype = kv_dtype or weight.dtype
         self.block_size = block_size
-        max_model_len = max_model_len or num_kv_blocks * block_size
-        model.bind_kernels()
-        kv = KVCache.allocate(self.config, num_kv_blocks, block_size, self.dtype, self.device)
-        self.attention = select_backend(kv, attention_backend, max_context=max_model_len)
         self.sampler = Sampler()
         self.stop_token_ids = frozenset(stop_token_ids)
-        self.decode_step = None
-        if self.attention.supports_cuda_graphs:
-            self.decode_step = DecodeStep(
-                model,
-                self.attention,
+        max_model_len = max_model_len or num_kv_blocks * block_size
+        if workers is not None:  # their runners allocate and capture in lockstep with this one
+            workers.start_runners(
+                num_kv_blocks=num_kv_blocks,
+                block_size=block_size,
+                kv_dtype=kv_dtype,
+                attention_backend=attention_backend,
+                max_model_len=max_model_len,
                 max_num_seqs=max_num_seqs,
-                max_blocks_per_seq=-(-max_model_len // block_size),
-                use_graphs=not enforce_eager and self.device.type == "cuda",
+                enforce_eager=enforce_eager,
             )
+        with workers.lockstep() if workers else contextlib.nullcontext():
+            model.bind_kernels()
+            kv = KVCache.allocate(
+                self.config, num_kv_blocks, block_size, self.dtype, self.device, model.tp.world_size
+            )
+            self.attention = select_backend(kv, attention_backend, max_context=max_model_len)
+            self.decode_step = None
+            if self.attention.supports_cuda_graphs:
+                self.decode_step = DecodeStep(
+                    model,
+                    self.attention,
+                    max_num_seqs=max_num_seqs,
+                    max_blocks_per_seq=-(-max_model_len // block_size),
+                    use_graphs=not enforce_eager and self.device.type == "cuda",
+                )
 
     @property
     def kv(self) -> KVCache:
@@ -154,48 +209,75 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Hidden states `(T, dim)` of tokens `token_ids[start : start + n]` of each sequence, in
         order, their K/V written through each sequence's block table."""
-        ids: list[int] = []
-        positions: list[int] = []
-        context_lens: list[int] = []
-        for seq, start, n in zip(seqs, starts, num_tokens, strict=True):
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            context_lens.append(start + n)
-        meta = self.attention.build_metadata(
-            num_tokens, context_lens, [s.block_table for s in seqs]
-        )
+        ids = _flat_ids(seqs, starts, num_tokens)
+        return self._forward(ids, starts, num_tokens, [s.block_table for s in seqs])
+
+    def _forward(
+        self,
+        token_ids: list[int],
+        starts: list[int],
+        num_tokens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        positions = [
+            p for start, n in zip(starts, num_tokens, strict=True) for p in range(start, start + n)
+        ]
+        context_lens = [start + n for start, n in zip(starts, num_tokens, strict=True)]
+        meta = self.attention.build_metadata(num_tokens, context_lens, block_tables)
         return self.model.forward(
-            torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
+            torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True),
             torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
             self.attention,
             meta,
         )
 
-    def _logits(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
-        """Float32 logits `(len(rows), V)` of the last token of each row in `rows` (possibly
-        none: a step of prefill chunks that sample nothing still runs the model): from the
-        decode step's static buffers (and graphs) when the batch is decodes only, else from an
-        eager pass over the flat batch."""
+    def plan(self, batch: ScheduledBatch, rows: list[int]) -> tuple[ModelStep, list[_PromptRows]]:
+        """The model's work for a batch whose rows `rows` are sampled: a decode step on the
+        static buffers when the batch is decodes only (and the backend has them), else a flat
+        batch whose logit rows are the prompt rows that want logprobs, then each sampled row's
+        last token."""
+        seqs, tables = batch.seqs, [s.block_table for s in batch.seqs]
         if self.decode_step is not None and _all_decode(batch):
-            seqs = batch.seqs
-            return self.decode_step(
-                [s.token_ids[start] for s, start in zip(seqs, batch.starts, strict=True)],
-                batch.starts,
-                [s.block_table for s in seqs],
-                self.block_size,
-            )
-        hidden = self.forward(batch.seqs, batch.starts, batch.num_tokens)
-        self._prompt_logprobs(batch, hidden)
-        ends = _cumsum(batch.num_tokens)[1:]
-        last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[last])
+            ids = [s.token_ids[start] for s, start in zip(seqs, batch.starts, strict=True)]
+            step = ModelStep(ids, batch.starts, batch.num_tokens, tables, rows, decode=True)
+            return step, []
+        ids = _flat_ids(seqs, batch.starts, batch.num_tokens)
+        offsets = _cumsum(batch.num_tokens)
+        prompt = self._prompt_rows(batch, offsets)
+        logit_rows = [r for p in prompt for r in range(p.row, p.row + p.last - p.first)]
+        logit_rows += [offsets[i + 1] - 1 for i in rows]
+        return ModelStep(ids, batch.starts, batch.num_tokens, tables, logit_rows), prompt
+
+    @torch.inference_mode()
+    def run(self, step: ModelStep) -> torch.Tensor | None:
+        """Float32 logits `(len(step.logit_rows), V)` of a step (None when no row wants them:
+        a step of prefill chunks that sample nothing still runs the model)."""
+        if step.decode:
+            return self.decode_step(step.token_ids, step.starts, step.block_tables, self.block_size)
+        hidden = self._forward(step.token_ids, step.starts, step.num_tokens, step.block_tables)
+        if not step.logit_rows:
+            return None
+        rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        dev = self.device
         rows = [i for i, need in enumerate(batch.needs_sample) if need]
+        step, prompt = self.plan(batch, rows)
+        # Under tensor parallelism every rank runs the step; up to the host copy that waits for
+        # them all, a failure on any rank ends the group.
+        with self.workers.step(step) if self.workers else contextlib.nullcontext():
+            logits = self.run(step)
+            n_prompt = len(step.logit_rows) - len(rows)
+            if prompt:
+                self._record_prompt_logprobs(prompt, logits[:n_prompt])
+            return self._sample(batch, rows, logits[n_prompt:] if rows else None)
+
+    def _sample(
+        self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor | None
+    ) -> StepResult:
+        """Tokens (and logprobs) for the sampled `rows` of the batch from their `logits`."""
         result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
-        logits = self._logits(batch, rows)
         if not rows:
             return result
         seqs = [batch.seqs[i] for i in rows]
@@ -206,7 +288,7 @@ class ModelRunner:
         st = SamplingTensors.build(
             params,
             vocab_size=logits.shape[-1],
-            device=dev,
+            device=self.device,
             generators=[self._generator(s) for s in seqs],
             prompt_ids=[s.prompt_token_ids for s in seqs] if penalties else None,
             output_ids=[s.output_token_ids for s in seqs] if penalties else None,
@@ -235,29 +317,38 @@ class ModelRunner:
                 result.logprobs[i] = entry
         return result
 
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
-        """Fill `seq.prompt_logprobs` (first entry None) for the prompt positions of this chunk."""
-        offset = 0
-        for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens, strict=True):
-            want = seq.params.prompt_logprobs
-            lo, hi = offset, offset + n
-            offset = hi
-            if want is None or len(seq.prompt_logprobs) >= seq.num_prompt_tokens:
+    def _prompt_rows(self, batch: ScheduledBatch, offsets: list[int]) -> list[_PromptRows]:
+        """The prompt positions of this step whose logprobs are asked and not yet recorded."""
+        out = []
+        rows = zip(batch.seqs, batch.starts, batch.num_tokens, offsets[:-1], strict=True)
+        for seq, start, n, lo in rows:
+            if seq.params.prompt_logprobs is None:
+                continue
+            if len(seq.prompt_logprobs) >= seq.num_prompt_tokens:
                 continue
             if not seq.prompt_logprobs:
-                seq.prompt_logprobs.append(None)
+                seq.prompt_logprobs.append(None)  # the first prompt token has no prediction
             # Hidden state at position p predicts token p + 1; record p + 1 not yet recorded.
             first = len(seq.prompt_logprobs) - 1
             last = min(start + n, seq.num_prompt_tokens - 1)
             if last <= first or first < start:
                 continue
-            h = hidden[lo + first - start : lo + last - start]
-            targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=h.device)
-            chosen, top_ids, top_lps = compute_logprobs(self.model.compute_logits(h), targets, want)
+            out.append(_PromptRows(seq, first, last, lo + first - start))
+        return out
+
+    def _record_prompt_logprobs(self, prompt: list[_PromptRows], logits: torch.Tensor) -> None:
+        """Append to each `seq.prompt_logprobs` the entries of its rows' logits."""
+        offset = 0
+        for p in prompt:
+            seq, n = p.seq, p.last - p.first
+            targets = torch.tensor(seq.token_ids[p.first + 1 : p.last + 1], device=logits.device)
+            want = seq.params.prompt_logprobs
+            chosen, top_ids, top_lps = compute_logprobs(logits[offset : offset + n], targets, want)
+            offset += n
             chosen = chosen.tolist()
             top_ids = top_ids.tolist() if top_ids is not None else None
             top_lps = top_lps.tolist() if top_lps is not None else None
-            for k, t in enumerate(seq.token_ids[first + 1 : last + 1]):
+            for k, t in enumerate(seq.token_ids[p.first + 1 : p.last + 1]):
                 entry = {t: chosen[k]}
                 if top_ids is not None:
                     for tid, lp in zip(top_ids[k], top_lps[k], strict=True):
@@ -272,6 +363,14 @@ def _all_decode(batch: ScheduledBatch) -> bool:
         and all(batch.needs_sample)
         and all(s.params.prompt_logprobs is None for s in batch.seqs)
     )
+
+
+def _flat_ids(seqs: list[Sequence], starts: list[int], num_tokens: list[int]) -> list[int]:
+    """Tokens `token_ids[start : start + n]` of each sequence, one after another."""
+    ids: list[int] = []
+    for seq, start, n in zip(seqs, starts, num_tokens, strict=True):
+        ids.extend(seq.token_ids[start : start + n])
+    return ids
 
 
 def _cumsum(values: list[int]) -> list[int]:
