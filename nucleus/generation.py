@@ -19,6 +19,7 @@ The reference's known bugs (its section 8.2) are kept by default. `fix_reference
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nucleus.chat_template import ChatTemplate
+from nucleus.distributed import TensorParallel
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.runner import ModelRunner
 from nucleus.engine.sequence import Sequence as EngineSequence
@@ -98,16 +100,22 @@ class Llama:
         """Load a model and its tokenizer.
 
         Args:
-            ckpt_dir: a Meta checkpoint directory (`params.json`, `consolidated.*.pth`; shards
-                are merged), a Hugging Face directory, a `.gguf` file, or None for the built-in
-                default model.
+            ckpt_dir: a Meta checkpoint directory (`params.json`, `consolidated.*.pth`), a Hugging
+                Face directory, a `.gguf` file, or None for the built-in default model.
             tokenizer_path: the tokenizer (`tokenizer.model` or `tokenizer.json`); None takes the
                 model's own (for a Meta directory, its `tokenizer.model`).
             max_seq_len: longest prompt plus generation, 1..8192 (more with Llama 3.1 RoPE scaling).
             max_batch_size: most prompts in one `generate` call.
-            model_parallel_size: 1 or None; tensor parallelism is not supported yet.
+            model_parallel_size: the ranks the model is split across (tensor parallelism); None
+                takes `WORLD_SIZE` (1 without it), as the reference does. With N > 1, run the
+                program under `torchrun --nproc_per_node N`, as Meta's: every rank builds its
+                shard and runs the same calls (same arguments, same seed), ranks beyond the first
+                with stdout sent to /dev/null. A Meta checkpoint of N shards is read one file per
+                rank; any other (more shards, fewer, or another format) is re-sharded. A rank that
+                fails to load makes every rank raise.
             seed: seeds the global torch generator once, as the reference does.
-            device: default CUDA when available, else CPU.
+            device: default CUDA when available (rank r of a group on `cuda:LOCAL_RANK`), else
+                the CPU (a group of CPU processes talks over gloo).
             dtype: default bf16 on CUDA, float32 on CPU.
             fix_reference_bugs: fix the reference's known bugs (see the module docstring).
         """
@@ -115,26 +123,36 @@ class Llama:
 
         _check_int("max_seq_len", max_seq_len, 1)
         _check_int("max_batch_size", max_batch_size, 1)
-        if model_parallel_size is not None:
-            _check_int("model_parallel_size", model_parallel_size, 1)
-            if model_parallel_size > 1:
-                raise NotImplementedError(
-                    f"model_parallel_size={model_parallel_size}: tensor parallelism is not "
-                    "supported yet; pass 1 or None (shards of a checkpoint are merged on one device)"
-                )
+        if model_parallel_size is None:  # 1.2 step 3
+            model_parallel_size = int(os.environ.get("WORLD_SIZE", "1"))
+        _check_int("model_parallel_size", model_parallel_size, 1)
         start = time.time()
+        if model_parallel_size > 1:
+            tp = TensorParallel.from_torchrun(model_parallel_size, device)
+            device = tp.device
+            if tp.local_rank > 0:  # 1.2 step 6
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+        else:
+            tp = TensorParallel()
+            device = torch.device(device) if device is not None else default_device()
         torch.manual_seed(seed)  # once, here; generate continues this stream (1.2 step 5)
-        files = load_model_files(ckpt_dir, tokenizer_path)
-        config = files.config
-        limit = config.max_position_embeddings or (
-            131072 if config.rope_scaling else REFERENCE_MAX_SEQ_LEN
-        )
-        if max_seq_len > limit:
-            raise ValueError(f"max_seq_len must be <= {limit} for this model, got {max_seq_len}")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        model = files.build_model(device=device, dtype=dtype)
-        print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
+        try:
+            files = load_model_files(ckpt_dir, tokenizer_path)
+            config = files.config
+            limit = config.max_position_embeddings or (
+                131072 if config.rope_scaling else REFERENCE_MAX_SEQ_LEN
+            )
+            if max_seq_len > limit:
+                raise ValueError(
+                    f"max_seq_len must be <= {limit} for this model, got {max_seq_len}"
+                )
+            model = files.build_model(device=device, dtype=dtype or default_dtype(device), tp=tp)
+            failure = None
+        except Exception as e:
+            failure = e
+        tp.agree(failure, "loading the model")  # no rank goes on to wait for one that failed
+        if tp.local_rank == 0:
+            print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(
             model,
             files.tokenizer,
