@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import warnings
 from datetime import timedelta
 
 import torch
@@ -141,7 +140,8 @@ class TensorParallel:
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's `x (N, k)` side by side, in rank order: `(N, world_size * k)`."""
+        """Every rank's `x (..., k)` side by side in the last dim, in rank order:
+        `(..., world_size * k)`."""
         if self.world_size == 1:
             return x
         stacked = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
@@ -191,29 +191,24 @@ class OneShotAllReduce:
     @classmethod
     def create(cls, tp: TensorParallel) -> OneShotAllReduce | None:
         """The kernel's buffer, set up on every rank; None (NCCL for every sum) where
-        `NUCLEUS_ONE_SHOT_ALL_REDUCE=0` or where torch lacks it on some rank."""
+        `NUCLEUS_ONE_SHOT_ALL_REDUCE=0`, or where torch cannot set it up on some rank."""
         if os.environ.get("NUCLEUS_ONE_SHOT_ALL_REDUCE", "1") == "0":
             return None
+        keep_multicast_off()  # peer-to-peer buffers only: never a multicast object
+        one_shot = None
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
-            usable = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
-        except (ImportError, AttributeError, RuntimeError):
-            usable = False
+            if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
+                buffer = symm_mem.empty(cls.MAX_BYTES, dtype=torch.uint8, device=tp.device)
+                symm_mem.rendezvous(buffer, tp.group)
+                one_shot = cls(buffer, tp.group.group_name)
+        except (ImportError, AttributeError, RuntimeError) as e:  # e.g. torch < 2.9's set-up
+            log.warning("one-shot all-reduce unavailable (%s): every sum goes through NCCL", e)
         # Every rank must make the same choice: one falling back alone would wait forever.
-        flag = torch.tensor([int(usable)], device=tp.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp.group)
-        if not flag.item():
-            log.warning("one-shot all-reduce unavailable in this torch: every sum goes via NCCL")
-            return None
-        group_name = tp.group.group_name
-        with warnings.catch_warnings():  # needed before torch 2.9, deprecated since
-            warnings.simplefilter("ignore", FutureWarning)
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
-                symm_mem.enable_symm_mem_for_group(group_name)
-        buffer = symm_mem.empty(cls.MAX_BYTES, dtype=torch.uint8, device=tp.device)
-        symm_mem.rendezvous(buffer, tp.group)
-        return cls(buffer, group_name)
+        agreed = torch.tensor([int(one_shot is not None)], device=tp.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp.group)
+        return one_shot if agreed.item() else None
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype in self.DTYPES and x.numel() * x.element_size() <= self.MAX_BYTES

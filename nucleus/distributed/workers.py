@@ -9,8 +9,8 @@ plain inputs go through the pipes; tensors move through torch.distributed's coll
 
 When something fails, the whole group ends with a clear error and no rank is left waiting:
 - a worker that fails to build its shard reports it; the driver ends the others and raises it;
-- a worker that fails in a step reports it and exits; a worker that dies is seen by its process
-  sentinel. A monitor thread in the driver watches both: it ends the other workers and aborts the
+- a worker that fails later (joining, building its runner, in a step) reports it and exits; a
+  worker that dies is seen by its process sentinel. A monitor thread in the driver watches both: it ends the other workers and aborts the
   process group, so that the driver's pending collective fails instead of waiting (gloo fails as
   soon as its peer's socket closes; NCCL is aborted). The driver's step then raises
   `TensorParallelError`, and every later one too;
@@ -136,6 +136,7 @@ class WorkerGroup:
                 rank = sentinels.get(ready) or next(r for r, p in waiting.items() if p is ready)
                 report = self._report(rank)
                 if report != "loaded":
+                    self._kill()  # the others may wait in the group's rendezvous
                     self.close()
                     raise TensorParallelError(f"tensor-parallel rank {rank} {report}")
                 waiting.pop(rank, None)
@@ -189,9 +190,11 @@ class WorkerGroup:
         self.check()
 
     def check(self) -> None:
-        """Raise the group's failure, if any."""
+        """Raise the group's failure, if any (or that it was shut down)."""
         if self.failure is not None:
             raise TensorParallelError(self.failure)
+        if self._closed:
+            raise TensorParallelError("the tensor-parallel group is shut down")
 
     # ---- failure and shutdown ---------------------------------------------------------------
     def _end(self, cause: str) -> str:
@@ -206,10 +209,13 @@ class WorkerGroup:
                 why = cause if rank is None else f"rank {rank} {self._report(rank)}"
                 self.failure = f"the tensor-parallel group ended: {why}"
                 log.error(self.failure)
-            for process in self.processes:
-                if process.is_alive():
-                    process.kill()
+            self._kill()
             return self.failure
+
+    def _kill(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
 
     def _watch(self) -> None:
         """The monitor thread: wait for a worker to report a failure or die, then end the group."""
@@ -303,6 +309,6 @@ def _worker_main(
     except BaseException as e:
         traceback.print_exc()
         with contextlib.suppress(OSError):
-            pipe.send_bytes(pickle.dumps(("failed", f"in a step: {type(e).__name__}: {e}")))
+            pipe.send_bytes(pickle.dumps(("failed", f"while running: {type(e).__name__}: {e}")))
         os._exit(1)
     tp.leave()

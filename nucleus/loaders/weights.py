@@ -39,4 +39,5 @@ class Weights(Mapping[str, torch.Tensor]):
                 f"checkpoint tensor {name!r} has shape {tuple(full.shape)}, "
                 f"the model config needs {slot.shape}"
             )
-        return slot.split.shard(full, rank, world_size)
+        # Contiguous: a row-parallel piece is a strided slice of columns.
+        return slot.split.shard(full, rank, world_size).contiguous()

@@ -4,11 +4,13 @@ Oracle: the same `LLM` with one rank (itself checked against `transformers` in t
 the loader tests) on the same fp32 checkpoint. Greedy tokens must be identical; logprobs of the
 sampled and the prompt tokens agree to 1e-5 (the row-parallel sums add the same products in
 another order). Failures: a worker that dies or a rank that cannot load must end the group with
-an error that names the rank, within seconds, and leave no process behind.
+an error that names the rank, within seconds, and leave no process behind; so must a worker that
+raises in a step.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -20,8 +22,9 @@ from checkpoints import Shape, random_meta_weights, write_meta_checkpoint
 
 from nucleus.assets import asset_path
 from nucleus.distributed import TensorParallelError
-from nucleus.llm import LLM
+from nucleus.llm import LLM, _load_shard
 from nucleus.sampling_params import SamplingParams
+from nucleus.tokenizer import Tokenizer
 
 GQA8 = Shape(dim=256, n_heads=16, n_kv_heads=8, ffn_hidden=768)  # Llama 3's 8 KV heads
 KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)  # fewer KV heads than ranks
@@ -95,6 +98,35 @@ def test_a_worker_that_dies_during_a_step_ends_the_group(group):
         model.generate(PROMPTS * 8, long)
     assert time.monotonic() - start < 30
     assert model.engine.block_manager.num_free_blocks == model.engine.block_manager.num_blocks
+
+
+def shard_failing_at_decode(ckpt: str, tp):
+    """Rank `tp`'s shard; rank 1's raises at its first decode step (a worker's error in a step)."""
+    model = _load_shard(ckpt, str(asset_path("llama3-tokenizer")), torch.float32, tp)
+    if tp.rank == 1:
+        forward = model.layers[1].attention.forward
+
+        def failing(x, *args):
+            if x.shape[0] == 1:
+                raise RuntimeError("injected failure")
+            return forward(x, *args)
+
+        model.layers[1].attention.forward = failing
+    return model
+
+
+def test_a_worker_that_fails_in_a_step_ends_the_group(tmp_path):
+    ckpt = write_meta_checkpoint(tmp_path, KV1, random_meta_weights(KV1, seed=13), shards=2)
+    build = functools.partial(shard_failing_at_decode, str(ckpt))
+    model = LLM.from_builder(
+        build, Tokenizer(asset_path("llama3-tokenizer")), device="cpu", tensor_parallel_size=2,
+        max_model_len=96, num_kv_blocks=48, block_size=8,
+    )  # fmt: skip
+    try:
+        with pytest.raises(TensorParallelError, match="rank 1 failed while running: Runtime"):
+            model.generate(PROMPTS[1], SamplingParams(max_tokens=4))
+    finally:
+        model.shutdown()
 
 
 def test_a_rank_that_cannot_load_ends_the_group(tmp_path):
