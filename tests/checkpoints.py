@@ -82,6 +82,9 @@ class Shape:
 LLAMA3 = Shape()
 LLAMA31 = Shape(scaled_rope=True)
 LLAMA32 = Shape(scaled_rope=True, rope_factor=32.0, tied=True)
+# For tensor parallelism: Llama 3's 8 KV heads, and one KV head (fewer than the ranks).
+GQA8 = Shape(dim=256, n_heads=16, n_kv_heads=8, ffn_hidden=768)
+KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)
 
 
 def random_meta_weights(

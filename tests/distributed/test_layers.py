@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import Shape, random_meta_weights, write_meta_checkpoint
+from checkpoints import GQA8, KV1, Shape, random_meta_weights, write_meta_checkpoint
 
 from nucleus.config import ConfigError, ModelConfig
 from nucleus.distributed import Split, TensorParallel, check_shardable, checkpoint_layout
 from nucleus.loaders import build_transformer
 from nucleus.loaders.meta import load_meta_checkpoint
 from nucleus.model import Transformer
-
-GQA8 = Shape(dim=256, n_heads=16, n_kv_heads=8, ffn_hidden=768)
-KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)
 
 
 def _config(shape: Shape) -> ModelConfig:

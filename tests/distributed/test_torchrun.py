@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import Shape, random_meta_weights, write_meta_checkpoint
+from checkpoints import GQA8, KV1, random_meta_weights, write_meta_checkpoint
 
 from nucleus import Llama
 from nucleus.assets import asset_path
 
-GQA8 = Shape(dim=256, n_heads=16, n_kv_heads=8, ffn_hidden=768)
-KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)
 PROMPTS = [[128000, 791, 1917, 315, 9822, 374], [128000, 40, 1093, 1000, 2000]]
 
 

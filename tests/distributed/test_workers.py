@@ -18,16 +18,13 @@ import time
 
 import pytest
 import torch
-from checkpoints import Shape, random_meta_weights, write_meta_checkpoint
+from checkpoints import GQA8, KV1, random_meta_weights, write_meta_checkpoint
 
 from nucleus.assets import asset_path
 from nucleus.distributed import TensorParallelError
 from nucleus.llm import LLM, _load_shard
 from nucleus.sampling_params import SamplingParams
 from nucleus.tokenizer import Tokenizer
-
-GQA8 = Shape(dim=256, n_heads=16, n_kv_heads=8, ffn_hidden=768)  # Llama 3's 8 KV heads
-KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)  # fewer KV heads than ranks
 
 PROMPTS = [[128000, 791, 1917, 315, 9822, 374], [128000, 40, 1093], list(range(1000, 1040))]
 OPTIONS = {"device": "cpu", "dtype": "float32", "max_model_len": 96, "num_kv_blocks": 48}

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpoints import Shape, random_meta_weights, write_meta_checkpoint
+from checkpoints import KV1, random_meta_weights, write_meta_checkpoint
 from server_helpers import start_server
 
 from nucleus.assets import asset_path
 from nucleus.llm import LLM
 from nucleus.sampling_params import SamplingParams
 
-KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)
 PROMPT = "The capital of France is"
 
 
