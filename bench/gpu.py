@@ -161,7 +161,8 @@ def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
-    engine.add_request("profile", prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    engine.add_request("profile", prompt, params, stream=False)
     engine.step()  # the prefill
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
