@@ -27,6 +27,15 @@ from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
 GiB = 1 << 30
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t`, queued without waiting (into pinned memory from a GPU)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 @dataclass
 class StepResult:
     """Per row of the batch: the sampled token (None where nothing was sampled), its raw logprob
@@ -35,6 +44,46 @@ class StepResult:
     token_ids: list[int | None]
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its results are on their way to the host (`result()` waits for them).
+
+    `tokens` are the sampled tokens on the device, one per sampling row, in the order of
+    `sampled_seqs`: the next decode step may read them there before they reach the host.
+    """
+
+    batch_size: int
+    rows: list[int]  # the batch rows that sample
+    sampled_seqs: list[Sequence]
+    num_logprobs: list[int]  # per sampling row: N top alternatives wanted, -1 for none
+    tokens: torch.Tensor | None = None
+    host: list[torch.Tensor] = field(default_factory=list)
+    event: torch.cuda.Event | None = None
+
+    def result(self) -> StepResult:
+        n = self.batch_size
+        result = StepResult([None] * n, [None] * n, [None] * n)
+        if not self.rows:
+            return result
+        if self.event is not None:
+            self.event.synchronize()
+        tokens, nonfinite = self.host[0].tolist()
+        lps = [t.tolist() for t in self.host[1:]]
+        for j, i in enumerate(self.rows):
+            if nonfinite[j]:
+                result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
+                continue
+            result.token_ids[i] = tokens[j]
+            n_top = self.num_logprobs[j]
+            if n_top >= 0:
+                entry = {tokens[j]: lps[0][j]}
+                if n_top > 0:
+                    for t, lp in zip(lps[1][j][:n_top], lps[2][j][:n_top], strict=True):
+                        entry.setdefault(t, lp)
+                result.logprobs[i] = entry
+        return result
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -171,33 +220,49 @@ class ModelRunner:
             meta,
         )
 
-    def _logits(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
+    def _logits(
+        self, batch: ScheduledBatch, rows: list[int], after: StepHandle | None
+    ) -> torch.Tensor:
         """Float32 logits `(len(rows), V)` of the last token of each row in `rows` (possibly
         none: a step of prefill chunks that sample nothing still runs the model): from the
         decode step's static buffers (and graphs) when the batch is decodes only, else from an
-        eager pass over the flat batch."""
+        eager pass over the flat batch. With `after`, each row's input token is the one `after`
+        sampled for its sequence, read on the device (its host copy may not have arrived)."""
         if self.decode_step is not None and _all_decode(batch):
             seqs = batch.seqs
+            tables = [s.block_table for s in seqs]
+            if after is None:
+                ids = [s.token_ids[start] for s, start in zip(seqs, batch.starts, strict=True)]
+                return self.decode_step(batch.starts, tables, self.block_size, token_ids=ids)
+            row_of = {seq.seq_id: j for j, seq in enumerate(after.sampled_seqs)}
             return self.decode_step(
-                [s.token_ids[start] for s, start in zip(seqs, batch.starts, strict=True)],
                 batch.starts,
-                [s.block_table for s in seqs],
+                tables,
                 self.block_size,
+                token_source=(after.tokens, [row_of[s.seq_id] for s in seqs]),
             )
+        if after is not None:
+            raise ValueError("only decode steps on static buffers take tokens from the device")
         hidden = self.forward(batch.seqs, batch.starts, batch.num_tokens)
         self._prompt_logprobs(batch, hidden)
         ends = _cumsum(batch.num_tokens)[1:]
         last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[last])
 
+    @property
+    def can_feed_tokens_on_device(self) -> bool:
+        """Whether `launch(..., after=...)` works: decode steps run on static buffers."""
+        return self.decode_step is not None
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        dev = self.device
+    def launch(self, batch: ScheduledBatch, after: StepHandle | None = None) -> StepHandle:
+        """Queue the step on the device and the copy of its results to the host, without waiting
+        for either: `StepHandle.result()` waits. `after`: a decode step launched just before,
+        whose sampled tokens feed this one (see `_logits`)."""
         rows = [i for i, need in enumerate(batch.needs_sample) if need]
-        result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
-        logits = self._logits(batch, rows)
+        logits = self._logits(batch, rows, after)
         if not rows:
-            return result
+            return StepHandle(len(batch), [], [], [])
         seqs = [batch.seqs[i] for i in rows]
         params = [s.params for s in seqs]
         penalties = any(
@@ -206,7 +271,7 @@ class ModelRunner:
         st = SamplingTensors.build(
             params,
             vocab_size=logits.shape[-1],
-            device=dev,
+            device=self.device,
             generators=[self._generator(s) for s in seqs],
             prompt_ids=[s.prompt_token_ids for s in seqs] if penalties else None,
             output_ids=[s.output_token_ids for s in seqs] if penalties else None,
@@ -214,26 +279,22 @@ class ModelRunner:
         )
         out = self.sampler(logits, st)
         # The step's one device-to-host copy: tokens and the non-finite flags together, then the
-        # logprobs only when asked.
-        tokens, nonfinite = torch.stack([out.token_ids, out.nonfinite.long()]).tolist()
-        host = []
+        # logprobs only when asked; queued now, waited for in `result()`.
+        device = [torch.stack([out.token_ids, out.nonfinite.long()])]
         if out.logprobs is not None:
-            host = [out.logprobs.tolist()]
+            device.append(out.logprobs)
             if out.top_ids is not None:
-                host += [out.top_ids.tolist(), out.top_logprobs.tolist()]
-        for j, i in enumerate(rows):
-            if nonfinite[j]:
-                result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
-                continue
-            result.token_ids[i] = tokens[j]
-            n_top = st.num_logprobs[j]
-            if n_top >= 0:
-                entry = {tokens[j]: host[0][j]}
-                if n_top > 0:
-                    for t, lp in zip(host[1][j][:n_top], host[2][j][:n_top], strict=True):
-                        entry.setdefault(t, lp)
-                result.logprobs[i] = entry
-        return result
+                device += [out.top_ids, out.top_logprobs]
+        host = [_to_host(t) for t in device]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle(len(batch), rows, seqs, st.num_logprobs, out.token_ids, host, event)
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        """Run one step and wait for its results."""
+        return self.launch(batch).result()
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Fill `seq.prompt_logprobs` (first entry None) for the prompt positions of this chunk."""
@@ -266,11 +327,12 @@ class ModelRunner:
 
 
 def _all_decode(batch: ScheduledBatch) -> bool:
-    """Every row computes one token and samples it, and none wants prompt logprobs."""
+    """Every row computes one token and samples it, and no row still owes prompt logprobs (a
+    one-token prompt's first step)."""
     return (
         all(n == 1 for n in batch.num_tokens)
         and all(batch.needs_sample)
-        and all(s.params.prompt_logprobs is None for s in batch.seqs)
+        and all(s.params.prompt_logprobs is None or s.prompt_logprobs for s in batch.seqs)
     )
 
 

@@ -157,6 +157,48 @@ class Scheduler:
             budget -= n
         return batch
 
+    def schedule_ahead(self, inflight: ScheduledBatch) -> ScheduledBatch | None:
+        """The next decode step of `inflight`'s sequences, scheduled while `inflight` (a step of
+        one sampled token per row) still runs, as if each had its token: row `i` computes that
+        token at position `starts[i]`, reading it where the runner left it on the device.
+
+        Sequences that end by length with this token are left out. None when the next step has
+        to be scheduled from the results instead: a waiting sequence could be admitted, blocks
+        run short (preemption is decided then), or a row needs its tokens on the host (penalties,
+        stop tokens banned under `min_tokens`).
+        """
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        bm = self.block_manager
+        rows: list[Sequence] = []
+        for seq in inflight.seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # ended since it was scheduled (stop, abort, error)
+            p = seq.params
+            after = seq.num_output_tokens + 1  # outputs once the token in flight is in
+            if (p.max_tokens is not None and after >= p.max_tokens) or (
+                seq.num_tokens + 1 >= self.max_model_len
+            ):
+                continue  # the token in flight is its last
+            if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
+                return None
+            if after < p.min_tokens:
+                return None
+            rows.append(seq)
+        if not rows or len(rows) > self.max_num_batched_tokens:
+            return None
+        # Room for the token in flight and this one (the runner writes both K/Vs).
+        if sum(bm.num_new_blocks(seq, 2) for seq in rows) > bm.num_free_blocks:
+            return None
+        batch = ScheduledBatch()
+        for seq in rows:
+            bm.append_slots(seq, 2)
+            batch.seqs.append(seq)
+            batch.starts.append(seq.num_computed_tokens + 1)
+            batch.num_tokens.append(1)
+            batch.needs_sample.append(True)
+        return batch
+
     def _pick_victim(self, scheduled: set[int]) -> Sequence:
         """The newest running sequence not yet scheduled in this step (the caller itself at worst:
         it is running and unscheduled)."""
@@ -184,9 +226,11 @@ class Scheduler:
         """
         bm = self.block_manager
         got_token = []
-        for seq, n, token in zip(batch.seqs, batch.num_tokens, sampled, strict=True):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
+        for seq, start, n, token in zip(
+            batch.seqs, batch.starts, batch.num_tokens, sampled, strict=True
+        ):
+            if seq.status is not SequenceStatus.RUNNING or start != seq.num_computed_tokens:
+                continue  # ended, or preempted and recomputed since this step was scheduled
             before = seq.num_computed_tokens
             seq.num_computed_tokens = before + n
             bm.cache_blocks(seq, before)
