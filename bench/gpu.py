@@ -161,15 +161,51 @@ def throughput_workloads(seed: int = 0) -> dict[str, tuple[list[list[int]], list
     return {"256x128/256": uniform, "mix512": mix}
 
 
+class LaunchLog:
+    """What the runner launched, when: the time from one launch to the next is charged to the
+    first, by kind (a decode step launched ahead, a decode step, or a step with prefill)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = llm.engine.runner
+        self.records: list[tuple[float, str, int, int]] = []
+        launch = self.runner.launch
+
+        def logged(batch, after=None):
+            prefill = any(n > 1 for n in batch.num_tokens)
+            kind = "prefill/mixed" if prefill else ("decode ahead" if after else "decode")
+            self.records.append((time.perf_counter(), kind, len(batch), sum(batch.num_tokens)))
+            return launch(batch, after)
+
+        self.runner.launch = logged
+
+    def summary(self) -> dict:
+        out: dict[str, dict] = {}
+        pairs = zip(self.records, self.records[1:], strict=False)  # each launch and the next
+        for (t, kind, rows, tokens), (t_next, *_) in pairs:
+            entry = out.setdefault(kind, {"steps": 0, "seconds": 0.0, "rows": 0, "tokens": 0})
+            entry["steps"] += 1
+            entry["seconds"] += t_next - t
+            entry["rows"] += rows
+            entry["tokens"] += tokens
+        return out
+
+    def close(self) -> None:
+        del self.runner.launch  # the instance attribute: the method shows through again
+
+
 def nucleus_throughput(llm: LLM, prompts: list[list[int]], outs: list[int], repeats: int) -> dict:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in outs]
     seconds = timed(lambda: llm.generate(prompts, params), repeats=repeats)
+    log = LaunchLog(llm)  # one more run, for where its time goes
+    llm.generate(prompts, params)
+    log.close()
     out_tokens, in_tokens = sum(outs), sum(map(len, prompts))
     return {
         "seconds": seconds,
         "output_tok_s": out_tokens / seconds,
         "total_tok_s": (out_tokens + in_tokens) / seconds,
         "requests": len(prompts),
+        "steps": log.summary(),
     }
 
 
@@ -266,6 +302,13 @@ def main() -> None:
             results["throughput"][name] = nucleus_throughput(llm, ps, outs, repeats)
             print(f"nucleus {name}: {results['throughput'][name]}", flush=True)
             save()
+        # The same mix with admission whenever a slot is free (the CPU policy), for comparison.
+        scheduler = llm.engine.scheduler
+        group, wait = scheduler.admit_group, scheduler.admit_max_wait
+        scheduler.admit_group, scheduler.admit_max_wait = 1, 0
+        results["throughput"]["mix512, admit at once"] = nucleus_throughput(llm, *work["mix512"], 1)
+        scheduler.admit_group, scheduler.admit_max_wait = group, wait
+        save()
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -94,8 +94,8 @@ def transformers_continuous_batching(
     )  # fmt: skip
 
     def run(batch: list[list[int]]) -> None:
-        with torch.inference_mode():
-            model.generate_batch(batch, generation_config=generation, progress_bar=False)
+        # No inference_mode here: generate_batch updates its tensors from its own thread.
+        model.generate_batch(batch, generation_config=generation, progress_bar=False)
 
     run(prompts[:8])  # warm-up
     seconds = timed(lambda: run(prompts), repeats=repeats)

@@ -27,8 +27,8 @@ from nucleus.sampling_params import SamplingParams
 # the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
 # sequences and large prefill chunks; a CPU step costs in proportion to its tokens.
 DEVICE_DEFAULTS = {
-    "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192},
-    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 2048},
+    "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "admit_max_wait": 32},
+    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "admit_max_wait": 0},
 }
 
 
@@ -38,6 +38,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free memory
     max_num_seqs: int | None = None  # None: DEVICE_DEFAULTS for the model's device
     max_num_batched_tokens: int | None = None  # None: likewise
+    # Admission in groups of max_num_seqs // 8 (or after admit_max_wait steps held back) while
+    # sequences decode: None: DEVICE_DEFAULTS (CUDA 32 steps; CPU 0: admit whenever there is room).
+    admit_max_wait: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
@@ -79,6 +82,9 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs or defaults["max_num_seqs"],
             max_num_batched_tokens=config.max_num_batched_tokens
             or defaults["max_num_batched_tokens"],
+            admit_max_wait=defaults["admit_max_wait"]
+            if config.admit_max_wait is None
+            else config.admit_max_wait,
         )
         self.model = model
         self.tokenizer = tokenizer
@@ -105,6 +111,8 @@ class LLMEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
             stop_token_ids=self.stop_token_ids,
+            admit_group=config.max_num_seqs // 8 if config.admit_max_wait else 1,
+            admit_max_wait=config.admit_max_wait,
         )
         self.runner = ModelRunner(
             model,

@@ -68,6 +68,8 @@ class Scheduler:
         max_model_len: int = 8192,
         stop_token_ids: Iterable[int] = (),
         chunked_prefill: bool = True,
+        admit_group: int = 1,
+        admit_max_wait: int = 0,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be >= 1")
@@ -90,6 +92,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        # Admission in groups (docs/scheduling.md): while sequences run, waiting ones are admitted
+        # once `admit_group` slots are free (or every waiting one fits), or once admission has
+        # been held back for `admit_max_wait` steps. 1 and 0: whenever there is room.
+        self.admit_group = max(admit_group, 1)
+        self.admit_max_wait = admit_max_wait
+        self._held_steps = 0  # consecutive steps admission was held back
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -138,7 +146,10 @@ class Scheduler:
             budget -= n
 
         # 2. Waiting sequences, first come first served; none while preempting.
-        while self.waiting and budget > 0 and not batch.preempted:
+        admit = self._admission_due()
+        room = self.waiting and len(self.running) < self.max_num_seqs
+        self._held_steps = self._held_steps + 1 if room and not admit else 0
+        while admit and self.waiting and budget > 0 and not batch.preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -167,7 +178,7 @@ class Scheduler:
         run short (preemption is decided then), or a row needs its tokens on the host (penalties,
         stop tokens banned under `min_tokens`).
         """
-        if self.waiting and len(self.running) < self.max_num_seqs:
+        if self._admission_due():
             return None
         bm = self.block_manager
         rows: list[Sequence] = []
@@ -198,6 +209,17 @@ class Scheduler:
             batch.num_tokens.append(1)
             batch.needs_sample.append(True)
         return batch
+
+    def _admission_due(self) -> bool:
+        """Whether the next step admits waiting sequences (when the pool lets it)."""
+        free = self.max_num_seqs - len(self.running)
+        if not self.waiting or free <= 0:
+            return False
+        return (
+            not self.running
+            or free >= min(self.admit_group, len(self.waiting))
+            or self._held_steps >= self.admit_max_wait
+        )
 
     def _pick_victim(self, scheduled: set[int]) -> Sequence:
         """The newest running sequence not yet scheduled in this step (the caller itself at worst:

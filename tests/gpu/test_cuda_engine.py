@@ -89,7 +89,7 @@ def test_bf16_logits_of_the_triton_path_are_within_1e_2_of_the_torch_path():
     fast = engine("cuda", torch.bfloat16, w)
     plain = engine("cuda", torch.bfloat16, w, attention_backend="torch")
     plain.model.bind_kernels(ops=TorchOps())
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={777: 1e4})
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={777: 100.0})
     logits = {}
     for name, e in (("fast", fast), ("plain", plain)):
         captured = []
