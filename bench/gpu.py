@@ -193,20 +193,24 @@ class LaunchLog:
         del self.runner.launch  # the instance attribute: the method shows through again
 
 
-def nucleus_throughput(llm: LLM, prompts: list[list[int]], outs: list[int], repeats: int) -> dict:
+def nucleus_throughput(
+    llm: LLM, prompts: list[list[int]], outs: list[int], repeats: int, *, timeline: bool
+) -> dict:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in outs]
     seconds = timed(lambda: llm.generate(prompts, params), repeats=repeats)
-    log = LaunchLog(llm)  # one more run, for where its time goes
-    llm.generate(prompts, params)
-    log.close()
     out_tokens, in_tokens = sum(outs), sum(map(len, prompts))
-    return {
+    result = {
         "seconds": seconds,
         "output_tok_s": out_tokens / seconds,
         "total_tok_s": (out_tokens + in_tokens) / seconds,
         "requests": len(prompts),
-        "steps": log.summary(),
     }
+    if timeline:
+        log = LaunchLog(llm)  # one more run, for where its time goes
+        llm.generate(prompts, params)
+        log.close()
+        result["steps"] = log.summary()
+    return result
 
 
 def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
@@ -244,6 +248,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--timeline", action="store_true", help="where throughput runs spend time")
+    parser.add_argument("--linear", action="store_true", help="cuBLAS bandwidth per matrix")
     parser.add_argument("--transformers", action="store_true", help="its continuous batching")
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
@@ -266,7 +272,7 @@ def main() -> None:
     print(results, flush=True)
     save = lambda: (args.out / "gpu.json").write_text(json.dumps(results, indent=2))  # noqa: E731
 
-    results["linear_bandwidth"] = linear_bandwidth()
+    results["linear_bandwidth"] = linear_bandwidth() if args.linear else []
     for row in results["linear_bandwidth"]:
         print(
             f"F.linear {row['matrix']:>5} x{row['rows']}: {row['us']:7.1f} us {row['GBps']:6.0f} GB/s"
@@ -299,16 +305,20 @@ def main() -> None:
         results["throughput"] = {}
         for name, (ps, outs) in work.items():
             repeats = 2 if name == "256x128/256" else 1
-            results["throughput"][name] = nucleus_throughput(llm, ps, outs, repeats)
+            results["throughput"][name] = nucleus_throughput(
+                llm, ps, outs, repeats, timeline=args.timeline
+            )
             print(f"nucleus {name}: {results['throughput'][name]}", flush=True)
             save()
-        # The same mix with admission whenever a slot is free (the CPU policy), for comparison.
-        scheduler = llm.engine.scheduler
-        group, wait = scheduler.admit_group, scheduler.admit_max_wait
-        scheduler.admit_group, scheduler.admit_max_wait = 1, 0
-        results["throughput"]["mix512, admit at once"] = nucleus_throughput(llm, *work["mix512"], 1)
-        scheduler.admit_group, scheduler.admit_max_wait = group, wait
-        save()
+        if args.timeline:  # the mix again, admitting whenever a slot is free (the CPU policy)
+            scheduler = llm.engine.scheduler
+            group, wait = scheduler.admit_group, scheduler.admit_max_wait
+            scheduler.admit_group, scheduler.admit_max_wait = 1, 0
+            results["throughput"]["mix512, admit at once"] = nucleus_throughput(
+                llm, *work["mix512"], 1, timeline=True
+            )
+            scheduler.admit_group, scheduler.admit_max_wait = group, wait
+            save()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
