@@ -221,7 +221,7 @@ class LLMEngine:
             req.pending = False
             out = self._output(req)
             req.reported_finished = True
-            del self.requests[rid]
+            self._forget(req)
             outputs.append(out)
         return outputs
 
@@ -272,7 +272,7 @@ class LLMEngine:
             outputs.append(self._output(req))
             if finished:
                 req.reported_finished = True
-                del self.requests[req.request_id]
+                self._forget(req)
         return outputs
 
     def _launch_ahead(self, batch: ScheduledBatch, handle: StepHandle) -> None:
@@ -303,6 +303,12 @@ class LLMEngine:
         if seq.is_finished:
             self._end_text(req, seq)
         req.pending = True
+
+    def _forget(self, req: _Request) -> None:
+        """A request reported finished: nothing of it stays in the engine or the runner."""
+        del self.requests[req.request_id]
+        for seq in req.seqs:
+            self.runner.release(seq)
 
     def _end_text(self, req: _Request, seq: Sequence) -> None:
         """A sequence ended: its text gets what its detokenizer holds back, and, where the text

@@ -19,6 +19,7 @@ import torch
 
 from nucleus.attention import KVCache, select_backend
 from nucleus.engine.graphs import DecodeStep
+from nucleus.engine.penalties import PenaltyCounts, has_penalties
 from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
 from nucleus.model import Transformer
@@ -168,6 +169,7 @@ class ModelRunner:
         kv = KVCache.allocate(self.config, num_kv_blocks, block_size, self.dtype, self.device)
         self.attention = select_backend(kv, attention_backend, max_context=max_model_len)
         self.sampler = Sampler()
+        self.penalties: PenaltyCounts | None = None
         self.stop_token_ids = frozenset(stop_token_ids)
         self.decode_step = None
         if self.attention.supports_cuda_graphs:
@@ -190,10 +192,29 @@ class ModelRunner:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
         return seq.generator
 
-    def _banned(self, seq: Sequence) -> list[int]:
-        """Stop tokens a sequence may not produce yet (while under `min_tokens`)."""
+    def _penalty_counts(self, seqs: list[Sequence], penalized: list[int], vocab: int):
+        """`(rows, output counts (B, V), prompt masks (B, V), batch index of the rows)` for the
+        sampling rows, zeros where a row has no penalty (`nucleus.engine.penalties`)."""
+        if self.penalties is None:
+            self.penalties = PenaltyCounts(vocab, self.device)
+        rows, counts, masks = self.penalties.gather([seqs[j] for j in penalized])
+        if len(penalized) == len(seqs):
+            return rows, counts, masks, None
+        index = torch.tensor(penalized, dtype=torch.long).to(self.device, non_blocking=True)
+        full_counts = counts.new_zeros(len(seqs), vocab).index_copy_(0, index, counts)
+        full_masks = masks.new_zeros(len(seqs), vocab).index_copy_(0, index, masks)
+        return rows, full_counts, full_masks, index
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence ended: drop what the runner kept for it (its penalty counts)."""
+        if self.penalties is not None:
+            self.penalties.release(seq)
+
+    def _banned(self, seq: Sequence, pending: int = 0) -> list[int]:
+        """Stop tokens a sequence may not produce yet (while under `min_tokens`); `pending`:
+        its tokens sampled but not yet on the host."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        if seq.num_output_tokens + pending >= p.min_tokens:
             return []
         return [*(() if p.ignore_eos else self.stop_token_ids), *(p.stop_token_ids or ())]
 
@@ -265,19 +286,21 @@ class ModelRunner:
             return StepHandle(len(batch), [], [], [])
         seqs = [batch.seqs[i] for i in rows]
         params = [s.params for s in seqs]
-        penalties = any(
-            p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params
-        )
+        penalized = [j for j, p in enumerate(params) if has_penalties(p)]
+        counts = self._penalty_counts(seqs, penalized, logits.shape[-1]) if penalized else None
+        pending = 1 if after is not None else 0  # a step ahead: one token not yet on the host
         st = SamplingTensors.build(
             params,
             vocab_size=logits.shape[-1],
             device=self.device,
             generators=[self._generator(s) for s in seqs],
-            prompt_ids=[s.prompt_token_ids for s in seqs] if penalties else None,
-            output_ids=[s.output_token_ids for s in seqs] if penalties else None,
-            banned_ids=[self._banned(s) for s in seqs],
+            banned_ids=[self._banned(s, pending) for s in seqs],
+            token_counts=counts[1:3] if counts else None,
         )
         out = self.sampler(logits, st)
+        if counts is not None:  # the new tokens join their sequences' counts, on the device
+            picked = out.token_ids if len(penalized) == len(seqs) else out.token_ids[counts[3]]
+            self.penalties.add(counts[0], picked)
         # The step's one device-to-host copy: tokens and the non-finite flags together, then the
         # logprobs only when asked; queued now, waited for in `result()`.
         device = [torch.stack([out.token_ids, out.nonfinite.long()])]

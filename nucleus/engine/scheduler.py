@@ -171,12 +171,12 @@ class Scheduler:
     def schedule_ahead(self, inflight: ScheduledBatch) -> ScheduledBatch | None:
         """The next decode step of `inflight`'s sequences, scheduled while `inflight` (a step of
         one sampled token per row) still runs, as if each had its token: row `i` computes that
-        token at position `starts[i]`, reading it where the runner left it on the device.
+        token at position `starts[i]`, reading it where the runner left it on the device (and
+        its penalty counts there too).
 
         Sequences that end by length with this token are left out. None when the next step has
-        to be scheduled from the results instead: a waiting sequence could be admitted, blocks
-        run short (preemption is decided then), or a row needs its tokens on the host (penalties,
-        stop tokens banned under `min_tokens`).
+        to be scheduled from the results instead: a waiting sequence is to be admitted, or blocks
+        run short (preemption is decided then).
         """
         if self._admission_due():
             return None
@@ -191,10 +191,6 @@ class Scheduler:
                 seq.num_tokens + 1 >= self.max_model_len
             ):
                 continue  # the token in flight is its last
-            if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
-                return None
-            if after < p.min_tokens:
-                return None
             rows.append(seq)
         if not rows or len(rows) > self.max_num_batched_tokens:
             return None

@@ -104,6 +104,38 @@ def test_every_attention_backend_gives_the_tokens_of_the_plain_loop(model, backe
     assert e.block_manager.num_used_blocks == 0
 
 
+def penalized_greedy(model, prompt, n, rep, freq, pres) -> list[int]:
+    """The plain loop with the penalties applied by hand to each step's logits (vLLM's
+    repetition penalty over prompt and output; OpenAI's frequency and presence over output)."""
+    ids = list(prompt)
+    for _ in range(n):
+        x = naive_logits(model, ids).clone()
+        out = ids[len(prompt) :]
+        for t in set(ids):
+            x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+        for t in set(out):
+            x[t] -= freq * out.count(t) + pres
+        ids.append(int(x.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_penalty_counts_kept_on_the_device_give_the_plain_loop(model, backend):
+    rep, freq, pres = 1.3, 0.4, 0.25
+    params = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True,
+        repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+    )  # fmt: skip
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    e = triton_engine() if backend == "triton" else engine(model)
+    outs = e.generate(PROMPTS, [params, plain, params, plain])
+    for i in (0, 2):
+        expected = penalized_greedy(model, PROMPTS[i], 10, rep, freq, pres)
+        assert outs[i].outputs[0].token_ids == expected
+    assert outs[1].outputs[0].token_ids == naive_greedy(model, PROMPTS[1], 10)
+    assert not e.runner.penalties.rows  # released with their requests
+
+
 def triton_engine(**kw) -> LLMEngine:
     """The engine on the Triton backend and ops (interpreted without a GPU): decode steps run on
     the runner's static buffers, which async scheduling needs."""
@@ -126,6 +158,10 @@ def test_async_scheduling_gives_the_outputs_of_the_synchronous_loop(monkeypatch)
         (PROMPTS[2], SamplingParams(temperature=1.0, seed=7, max_tokens=10, n=2, logprobs=1)),
         (PROMPTS[3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)),
         (PROMPTS[0][:4], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)),
+        (
+            PROMPTS[1],
+            SamplingParams(temperature=0, max_tokens=9, min_tokens=4, frequency_penalty=1.0),
+        ),
     ]
     runs = {}
     for overlap in (False, True):
