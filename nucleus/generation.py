@@ -40,6 +40,10 @@ from nucleus.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 __all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message"]
 
 BLOCK_SIZE = 16
+# The loop's own padding: the reference pads with `tokenizer.pad_id`, which is -1 in Meta's
+# tokenizer and so equals no token. Other tokenizers give `pad_id` a real token (often the
+# end-of-turn token every chat prompt holds), so the loop never uses theirs.
+PAD = -1
 # The reference loop samples by itself; the engine sequences it drives carry no parameters of use.
 _UNUSED_PARAMS = SamplingParams()
 
@@ -249,13 +253,12 @@ class Llama:
         self._validate(prompt_tokens, max_gen_len, temperature, top_p)
         fix = self.fix_reference_bugs
         bsz = len(prompt_tokens)
-        pad_id = self.tokenizer.pad_id
         device = self.device
         prompt_lens = [len(t) for t in prompt_tokens]
         min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
         total_len = min(self.max_seq_len, max_gen_len + max_prompt_len)
 
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
@@ -273,12 +276,12 @@ class Llama:
 
         prev_pos = 0
         eos_reached = torch.tensor([False] * bsz, device=device)
-        input_text_mask = tokens != pad_id
+        # The prompt positions, from the prompt lengths (the reference's `tokens != pad_id`).
+        prompt_ends = torch.tensor(prompt_lens, device=device)
+        input_text_mask = torch.arange(total_len, device=device) < prompt_ends[:, None]
         # Positions each row may still fill: the reference fills up to total_len; the fix stops a
         # row at its own budget.
-        row_end = torch.tensor(
-            [min(n + max_gen_len, total_len) for n in prompt_lens], device=device
-        )
+        row_end = (prompt_ends + max_gen_len).clamp(max=total_len)
         if min_prompt_len == total_len and logprobs:  # unused otherwise; draws no RNG
             logits = self._logits(runner, rows, 0, total_len, all_logits=True)
             if fix:  # aligned as the loop aligns them: position 0 has no prediction
@@ -286,14 +289,16 @@ class Llama:
                     logits[:, :-1].transpose(1, 2),
                     tokens[:, 1:],
                     reduction="none",
-                    ignore_index=pad_id,
+                    ignore_index=PAD,
                 )
             else:  # the reference's unshifted target (2.1 step 7)
                 token_logprobs = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
+                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD
                 )
 
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
+        stop_tokens = torch.tensor(
+            sorted(self.tokenizer.stop_tokens), dtype=torch.long, device=device
+        )
         for cur_pos in range(min_prompt_len, total_len):
             logits = self._logits(runner, rows, prev_pos, cur_pos, all_logits=logprobs)
             if temperature > 0:
@@ -312,7 +317,7 @@ class Llama:
                     logits.transpose(1, 2),
                     tokens[:, prev_pos + 1 : cur_pos + 1],
                     reduction="none",
-                    ignore_index=pad_id,
+                    ignore_index=PAD,
                 )
             eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop_tokens)
             prev_pos = cur_pos
