@@ -358,12 +358,13 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> list[CompletionPrediction]:
-        """Complete each prompt (BOS added, special-token text encoded as text)."""
+        """Complete each prompt: special-token text is encoded as text, and a BOS comes first
+        where the model wants one (always with Meta's tokenizer, as the reference)."""
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         if not isinstance(prompts, Sequence) or isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings")
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [self.tokenizer.encode_prompt(x) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
             max_gen_len=max_gen_len,
