@@ -160,8 +160,13 @@ class Llama:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        # Llama 3 models use Meta's ChatFormat; other models their own chat template.
-        self.formatter = chat or ChatFormat(tokenizer)
+        if chat is None:
+            from nucleus.loaders import chat_format_for
+
+            chat = chat_format_for(tokenizer)
+        # Meta's ChatFormat for Llama 3 vocabularies, else the model's own template; None for a
+        # model with neither, which can complete text but not chat.
+        self.formatter = chat
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.fix_reference_bugs = fix_reference_bugs
@@ -383,7 +388,13 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant, in the Llama 3 chat format."""
+        """Answer each dialog as the assistant, in the Llama 3 chat format (other models: in
+        their own chat template)."""
+        if self.formatter is None:
+            raise ValueError(
+                "this model has no chat format (neither Llama 3's chat tokens nor a chat "
+                "template): use text_completion"
+            )
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
