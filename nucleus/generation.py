@@ -173,7 +173,7 @@ class Llama:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head_weight.device
+        return self.model.tok_embeddings.weight.device
 
     def _validate(
         self,
@@ -224,9 +224,7 @@ class Llama:
         """Logits `(B, end-start or 1, V)` of columns `[start, end)` of every row, through the
         engine's runner with the reference's attention arithmetic."""
         bsz = len(rows)
-        hidden = runner.forward(
-            rows, [start] * bsz, [end - start] * bsz, exact_attention=True
-        ).view(bsz, end - start, -1)
+        hidden = runner.forward(rows, [start] * bsz, [end - start] * bsz).view(bsz, end - start, -1)
         if not all_logits:
             hidden = hidden[:, -1:]
         return self.model.compute_logits(hidden)
@@ -275,7 +273,13 @@ class Llama:
         pool = BlockManager(
             bsz * -(-total_len // BLOCK_SIZE), BLOCK_SIZE, enable_prefix_caching=False
         )
-        runner = ModelRunner(self.model, num_kv_blocks=pool.num_blocks, block_size=BLOCK_SIZE)
+        runner = ModelRunner(
+            self.model,
+            num_kv_blocks=pool.num_blocks,
+            block_size=BLOCK_SIZE,
+            attention_backend="reference",
+            max_model_len=total_len,
+        )
         for seq in rows:
             pool.allocate(seq, total_len)
 

@@ -51,11 +51,12 @@ def sample_top_p(
 class SamplingTensors:
     """Per-row sampling parameters of one step, as tensors on the logits' device."""
 
-    temperature: torch.Tensor  # (B,) float32; 1.0 on greedy rows
-    greedy: torch.Tensor  # (B,) bool
-    top_p: torch.Tensor  # (B,) float32
-    top_k: torch.Tensor  # (B,) int64; V where off
-    min_p: torch.Tensor  # (B,) float32
+    # Per-row tensors of the sampled path (None when every row is greedy: argmax needs none).
+    temperature: torch.Tensor | None  # (B,) float32; 1.0 on greedy rows
+    greedy: torch.Tensor | None  # (B,) bool
+    top_p: torch.Tensor | None  # (B,) float32
+    top_k: torch.Tensor | None  # (B,) int64; V where off
+    min_p: torch.Tensor | None  # (B,) float32
     generators: list[torch.Generator | None]
     greedy_rows: list[bool]
     num_logprobs: list[int]  # per row: N top alternatives wanted, -1 for no logprobs at all
@@ -104,14 +105,17 @@ class SamplingTensors:
         top_k = [V if p.top_k <= 0 or p.top_k >= V else p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
+        sampled = not all(greedy)
         st = cls(
             temperature=tensor(
                 [1.0 if g else t for g, t in zip(greedy, temps, strict=True)], torch.float32
-            ),
-            greedy=tensor(greedy, torch.bool),
-            top_p=tensor(top_p, torch.float32),
-            top_k=tensor(top_k, torch.int64),
-            min_p=tensor(min_p, torch.float32),
+            )
+            if sampled
+            else None,
+            greedy=tensor(greedy, torch.bool) if sampled else None,
+            top_p=tensor(top_p, torch.float32) if sampled else None,
+            top_k=tensor(top_k, torch.int64) if sampled else None,
+            min_p=tensor(min_p, torch.float32) if sampled else None,
             generators=list(generators) if generators is not None else [None] * B,
             greedy_rows=greedy,
             num_logprobs=[-1 if p.logprobs is None else p.logprobs for p in params],

@@ -34,6 +34,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
     memory_fraction: float | None = None
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    attention_backend: str = "auto"  # or one of nucleus.attention.BACKENDS
 
 
 @dataclass
@@ -46,8 +48,15 @@ class _Request:
     detoks: list[IncrementalDetokenizer]
     texts: list[str]
     metrics: RequestMetrics
+    # Streamed requests report every step; the others (`LLM`) only their final output, and
+    # without stop strings their text is decoded once, when each sequence ends.
+    stream: bool = True
     reported_finished: bool = False
     pending: bool = field(default=False)  # has news not yet returned by step()
+
+    @property
+    def text_per_token(self) -> bool:
+        return self.stream or bool(self.params.stop_strings)
 
 
 class LLMEngine:
@@ -86,6 +95,10 @@ class LLMEngine:
             block_size=config.block_size,
             kv_dtype=kv_dtype,
             stop_token_ids=self.stop_token_ids,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            attention_backend=config.attention_backend,
         )
         self._special_ids = (
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
@@ -103,7 +116,9 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> None:
+        """Queue a request. `stream=False`: `step` reports it once, when it has finished."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -132,7 +147,15 @@ class LLMEngine:
             for _ in seqs
         ]
         self.requests[request_id] = _Request(
-            request_id, text, ids, params, seqs, detoks, [""] * len(seqs), RequestMetrics(now)
+            request_id,
+            text,
+            ids,
+            params,
+            seqs,
+            detoks,
+            [""] * len(seqs),
+            RequestMetrics(now),
+            stream=stream,
         )
         for seq in seqs:
             self.scheduler.add(seq)
@@ -143,9 +166,10 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None:
             return
-        self.scheduler.abort(s for s in req.seqs if not s.is_finished)
-        for i in range(len(req.seqs)):
-            req.texts[i] += req.detoks[i].flush()
+        unfinished = [s for s in req.seqs if not s.is_finished]
+        self.scheduler.abort(unfinished)
+        for seq in unfinished:
+            self._end_text(req, seq)
         req.pending = True
 
     def fail_unfinished(self, message: str, *, waiting_too: bool = False) -> list[RequestOutput]:
@@ -161,12 +185,12 @@ class LLMEngine:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            for i, seq in enumerate(req.seqs):
+            for seq in req.seqs:
                 if not seq.is_finished:
                     seq.error = message
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
                     with contextlib.suppress(Exception):  # else the text so far stands
-                        req.texts[i] += req.detoks[i].flush()
+                        self._end_text(req, seq)
             req.pending = False
             out = self._output(req)
             req.reported_finished = True
@@ -191,7 +215,7 @@ class LLMEngine:
                 if result.errors[i] is not None:
                     seq.error = result.errors[i]
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
-                    req.texts[seq.index] += req.detoks[seq.index].flush()
+                    self._end_text(req, seq)
                     req.pending = True
             row_of = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
             for seq in self.scheduler.postprocess(batch, result.token_ids):
@@ -200,10 +224,12 @@ class LLMEngine:
         for req in list(self.requests.values()):
             if not req.pending:
                 continue
+            finished = all(s.is_finished for s in req.seqs)
+            if not (req.stream or finished):
+                continue
             req.pending = False
-            out = self._output(req)
-            outputs.append(out)
-            if out.finished:
+            outputs.append(self._output(req))
+            if finished:
                 req.reported_finished = True
                 del self.requests[req.request_id]
         return outputs
@@ -218,15 +244,26 @@ class LLMEngine:
         i, token = seq.index, seq.last_token_id
         detok = req.detoks[i]
         ended_by_token = seq.status is SequenceStatus.FINISHED_STOPPED
-        if not ended_by_token:
+        if not ended_by_token and req.text_per_token:
             check = seq.num_output_tokens >= seq.params.min_tokens
             req.texts[i] += detok.add([token], check_stop=check)
             if detok.stopped and not seq.is_finished:
                 seq.stop_reason = detok.stop_reason
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if seq.is_finished:
-            req.texts[i] += detok.flush()
+            self._end_text(req, seq)
         req.pending = True
+
+    def _end_text(self, req: _Request, seq: Sequence) -> None:
+        """A sequence ended: its text gets what its detokenizer holds back, and, where the text
+        was not built token by token, all its output tokens first (but a stop token)."""
+        i, detok = seq.index, req.detoks[seq.index]
+        if not req.text_per_token:
+            ids = seq.output_token_ids
+            if seq.status is SequenceStatus.FINISHED_STOPPED and isinstance(seq.stop_reason, int):
+                ids = ids[:-1]
+            req.texts[i] += detok.add(ids)
+        req.texts[i] += detok.flush()
 
     def _output(self, req: _Request) -> RequestOutput:
         completions = []
@@ -270,7 +307,7 @@ class LLMEngine:
             params = [params or SamplingParams()] * len(prompts)
         ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            self.add_request(rid, prompt, p)
+            self.add_request(rid, prompt, p, stream=False)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():

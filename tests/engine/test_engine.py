@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from steps import cpu_backend, step_logits
 from toy import ToyTokenizer, tiny_model
 
-from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.model import Transformer
 from nucleus.sampling_params import SamplingParams
@@ -21,10 +21,7 @@ def model() -> Transformer:
 
 
 def naive_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
-    kv = KVCache.allocate(model.config, 1, 64, torch.float32, "cpu")
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0]], 64, "cpu")
-    h = model.forward(torch.tensor(ids), torch.arange(len(ids)), kv, meta)
-    return model.compute_logits(h[-1:])[0]
+    return step_logits(model, cpu_backend(model.config, 1, 64), [(ids, 0, [0])])[-1]
 
 
 _greedy_cache: dict[tuple[int, ...], list[int]] = {}
@@ -81,6 +78,30 @@ def test_greedy_matches_a_plain_recompute_loop(model, kw):
         assert out.num_cached_tokens == 8 and e.block_manager.num_hit_blocks >= 2
     if "num_kv_blocks" in kw:
         assert e.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+def test_every_attention_backend_gives_the_tokens_of_the_plain_loop(model, backend):
+    """Steps that mix decodes with prefill chunks, then decode-only steps (through the runner's
+    static decode buffers where the backend has them). Triton runs interpreted without a GPU."""
+    from nucleus.kernels import cpu as cpu_kernels
+    from nucleus.kernels.triton import triton_usable
+
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    if backend == "triton" and not triton_usable("cpu"):
+        pytest.skip("Triton is not installed")
+    fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)  # same weights
+    if backend == "triton":
+        from nucleus.ops.triton_ops import TritonOps
+
+        fresh.bind_kernels(ops=TritonOps(max_positions=64))
+    e = engine(fresh, attention_backend=backend, max_num_batched_tokens=12)
+    assert e.runner.attention.name == backend
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for prompt, out in zip(PROMPTS, e.generate(PROMPTS, params), strict=True):
+        assert out.outputs[0].token_ids == naive_greedy(model, prompt, 8)
+    assert e.block_manager.num_used_blocks == 0
 
 
 def test_seeded_request_alone_or_in_a_batch(model):
