@@ -223,11 +223,13 @@ class Llama:
     ) -> torch.Tensor:
         """Logits `(B, end-start or 1, V)` of columns `[start, end)` of every row, through the
         engine's runner with the reference's attention arithmetic."""
-        bsz = len(rows)
-        hidden = runner.forward(rows, [start] * bsz, [end - start] * bsz).view(bsz, end - start, -1)
+        bsz, width = len(rows), end - start
+        hidden = runner.forward(rows, [start] * bsz, [width] * bsz).view(bsz, width, -1)
         if not all_logits:
-            hidden = hidden[:, -1:]
-        return self.model.compute_logits(hidden)
+            hidden, width = hidden[:, -1:], 1
+        # The head gets flat (tokens, dim) rows, as in the engine: the CPU block-int8 kernel
+        # multiplies 2-D inputs only.
+        return self.model.compute_logits(hidden.reshape(bsz * width, -1)).view(bsz, width, -1)
 
     @torch.inference_mode()
     def generate(
