@@ -226,10 +226,8 @@ class Llama:
         bsz, width = len(rows), end - start
         hidden = runner.forward(rows, [start] * bsz, [width] * bsz).view(bsz, width, -1)
         if not all_logits:
-            hidden, width = hidden[:, -1:], 1
-        # The head gets flat (tokens, dim) rows, as in the engine: the CPU block-int8 kernel
-        # multiplies 2-D inputs only.
-        return self.model.compute_logits(hidden.reshape(bsz * width, -1)).view(bsz, width, -1)
+            hidden = hidden[:, -1:]
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def generate(

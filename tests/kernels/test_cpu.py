@@ -71,6 +71,14 @@ def test_block_int8_linear_equals_the_float64_product(rows, n, k, signed):
     assert_close(block_int8_linear(x, w), ref)
 
 
+def test_block_int8_linear_keeps_leading_dimensions_as_f_linear_does():
+    w = random_block_int8(32, 64, signed=True, seed=5)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    ours = block_int8_linear(x, w)
+    assert ours.shape == (2, 3, 32)
+    assert_close(ours, torch.nn.functional.linear(x.double(), w.dequantize().double()))
+
+
 def test_block_int8_linear_takes_a_non_contiguous_input_and_checks_width():
     w = random_block_int8(32, 64, signed=True, seed=1)
     x = torch.randn(64, 10).T  # (10, 64), not contiguous
