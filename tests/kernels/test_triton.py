@@ -9,10 +9,9 @@ Tolerances: float32 1e-5 relative; bf16 1e-2 relative.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from steps import paged_cache as shared_paged_cache
 
 from nucleus.attention import KVCache, ReferenceBackend
 from nucleus.kernels.triton import triton_usable
@@ -35,20 +34,8 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def paged_cache(contexts, n_kv, head_dim, *, block_size=16, dtype=torch.float32, seed=0):
-    """Random caches with shuffled block tables for `contexts`, and spare blocks."""
-    rng = random.Random(seed)
-    needed = [-(-c // block_size) for c in contexts]
-    ids = list(range(sum(needed) + 3))
-    rng.shuffle(ids)
-    tables, start = [], 0
-    for nb in needed:
-        tables.append(ids[start : start + nb])
-        start += nb
-    g = torch.Generator().manual_seed(seed)
-    shape = (len(ids), block_size, n_kv, head_dim)
-    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    return k.to(DEVICE, dtype), v.to(DEVICE, dtype), tables
+def paged_cache(contexts, n_kv, head_dim, *, dtype=torch.float32, seed=0):
+    return shared_paged_cache(contexts, n_kv, head_dim, dtype=dtype, device=DEVICE, seed=seed)
 
 
 def flat_tables(tables, width=None):
