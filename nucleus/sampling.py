@@ -89,10 +89,13 @@ class SamplingTensors:
         prompt_ids: Sequence[Sequence[int]] | None = None,
         output_ids: Sequence[Sequence[int]] | None = None,
         banned_ids: Sequence[Iterable[int]] | None = None,
+        token_counts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingTensors:
         """Build the step's tensors from each row's params (once per step).
 
-        `prompt_ids`/`output_ids` are needed only when a row has a penalty; `banned_ids[i]` are
+        `prompt_ids`/`output_ids` are needed only when a row has a penalty, unless `token_counts`
+        gives their result, `(output counts (B, V) float32, prompt masks (B, V) bool)`, already on
+        the device (`nucleus.engine.penalties`); `banned_ids[i]` are
         tokens row `i` may not produce this step (its stop tokens, while under `min_tokens`).
         """
         B, V = len(params), vocab_size
@@ -133,12 +136,17 @@ class SamplingTensors:
         do_rep = any(r != 1.0 for r in rep)
         do_freq = any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres)
         if do_rep or do_freq:
-            if output_ids is None or (do_rep and prompt_ids is None):
+            if token_counts is None and (output_ids is None or (do_rep and prompt_ids is None)):
                 raise ValueError("penalties need the rows' prompt_ids and output_ids")
-            st.output_counts = _token_counts(output_ids, V, device)
+            if token_counts is not None:
+                st.output_counts, prompt_mask = token_counts
+            else:
+                st.output_counts = _token_counts(output_ids, V, device)
             if do_rep:
                 st.repetition_penalty = tensor(rep, torch.float32)
-                st.prompt_mask = _token_counts(prompt_ids, V, device) > 0
+                if token_counts is None:
+                    prompt_mask = _token_counts(prompt_ids, V, device) > 0
+                st.prompt_mask = prompt_mask
             if do_freq:
                 st.frequency_penalty = tensor(freq, torch.float32)
                 st.presence_penalty = tensor(pres, torch.float32)

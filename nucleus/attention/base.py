@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from nucleus.config import ModelConfig
@@ -70,21 +71,23 @@ class KVCache:
         return self.k.device
 
 
-def long_tensor(values: list, device: torch.device | str) -> torch.Tensor:
-    """int64 host lists to `device`, without waiting for the copy."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def long_tensor(values: list | np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """int64 host lists or arrays to `device`, without waiting for the copy."""
+    return torch.as_tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def slot_mapping(
     query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
-) -> list[int]:
+) -> np.ndarray:
     """The cache slot (`block * block_size + offset`) of every query token, in flat order: the
     query tokens of row `i` are the last `query_lens[i]` of its `context_lens[i]`."""
-    slots: list[int] = []
+    parts = []
     for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables, strict=True):
-        for pos in range(ctx_len - q_len, ctx_len):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    return slots
+        pos = np.arange(ctx_len - q_len, ctx_len)
+        parts.append(
+            np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
+        )
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 class AttentionBackend(ABC):

@@ -148,6 +148,12 @@ class TensorParallel:
         _all_gather_single(stacked, x.contiguous(), group=self.group)
         return stacked.view(self.world_size, *x.shape).movedim(0, -2).flatten(-2)
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x`, on every rank (in place in `x`)."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
     # ---- agreement --------------------------------------------------------------------------
     def agree(self, error: BaseException | None, what: str) -> None:
         """Every rank says whether `what` worked for it; if it failed anywhere, every rank raises

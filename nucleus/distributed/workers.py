@@ -168,13 +168,9 @@ class WorkerGroup:
         except OSError as e:
             raise TensorParallelError(self._end(f"lost a worker ({e!r})")) from None
 
-    @contextlib.contextmanager
-    def step(self, step: object) -> Iterator[None]:
-        """Each worker runs this `ModelStep`, while the driver runs the body (its own part, up to
-        the host copy that waits for every rank) in `lockstep`."""
+    def send(self, step: object) -> None:
+        """Each worker runs this `ModelStep` (the driver runs its own part in `lockstep`)."""
         self._send(("step", step))
-        with self.lockstep():
-            yield
 
     @contextlib.contextmanager
     def lockstep(self) -> Iterator[None]:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
-from nucleus.engine.runner import ModelRunner, auto_num_blocks
-from nucleus.engine.scheduler import Scheduler
+from nucleus.engine.runner import ModelRunner, StepHandle, auto_num_blocks
+from nucleus.engine.scheduler import ScheduledBatch, Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
 from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -26,19 +26,32 @@ from nucleus.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from nucleus.distributed.workers import WorkerGroup
 
+# Defaults per device type (docs/scheduling.md says how they were chosen): a GPU step costs about
+# the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
+# sequences and large prefill chunks; a CPU step costs in proportion to its tokens.
+DEVICE_DEFAULTS = {
+    "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "admit_max_wait": 32},
+    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "admit_max_wait": 0},
+}
+
 
 @dataclass
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from free memory
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None  # None: DEVICE_DEFAULTS for the model's device
+    max_num_batched_tokens: int | None = None  # None: likewise
+    # Admission in groups of max_num_seqs // 8 (or after admit_max_wait steps held back) while
+    # sequences decode: None: DEVICE_DEFAULTS (CUDA 32 steps; CPU 0: admit whenever there is room).
+    admit_max_wait: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
     memory_fraction: float | None = None
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     attention_backend: str = "auto"  # or one of nucleus.attention.BACKENDS
+    # Launch the next decode step before the host has this one's tokens (CUDA graphs only).
+    async_scheduling: bool = True
 
 
 @dataclass
@@ -73,13 +86,23 @@ class LLMEngine:
         *,
         workers: WorkerGroup | None = None,
     ):
-        self.config = config = config or EngineConfig()
+        config = config or EngineConfig()
+        device = model.tok_embeddings.weight.device
+        defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+        self.config = config = replace(
+            config,
+            max_num_seqs=config.max_num_seqs or defaults["max_num_seqs"],
+            max_num_batched_tokens=config.max_num_batched_tokens
+            or defaults["max_num_batched_tokens"],
+            admit_max_wait=defaults["admit_max_wait"]
+            if config.admit_max_wait is None
+            else config.admit_max_wait,
+        )
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
         limit = mc.max_position_embeddings or config.max_model_len or 8192
         self.max_model_len = min(config.max_model_len or limit, limit)
-        device = model.tok_embeddings.weight.device
         kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
         num_blocks = config.num_kv_blocks or auto_num_blocks(
             model,
@@ -100,6 +123,8 @@ class LLMEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
             stop_token_ids=self.stop_token_ids,
+            admit_group=config.max_num_seqs // 8 if config.admit_max_wait else 1,
+            admit_max_wait=config.admit_max_wait,
         )
         self.runner = ModelRunner(
             model,
@@ -118,6 +143,7 @@ class LLMEngine:
             | self.stop_token_ids
         )
         self.requests: dict[str, _Request] = {}
+        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
@@ -189,6 +215,7 @@ class LLMEngine:
         """After a step raised: end the requests with a running sequence (all unfinished ones with
         `waiting_too`, or when none was running) with finish_reason "error" and `message`; their
         blocks go back. Returns their final outputs. Waiting requests otherwise stay queued."""
+        self._ahead = None  # a step launched ahead holds only running sequences: ended below
         running = {s.request_id for s in self.scheduler.running}
         if waiting_too or not running:
             running |= {s.request_id for s in self.scheduler.waiting}
@@ -207,7 +234,7 @@ class LLMEngine:
             req.pending = False
             out = self._output(req)
             req.reported_finished = True
-            del self.requests[rid]
+            self._forget(req)
             outputs.append(out)
         return outputs
 
@@ -216,12 +243,26 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of the requests that changed."""
-        batch = self.scheduler.schedule()
-        if not batch.is_empty:
+        """Run one scheduler step; returns the outputs of the requests that changed.
+
+        With `async_scheduling`, while a decode step runs on the device the next one is already
+        scheduled and launched (`Scheduler.schedule_ahead`), its input tokens read on the device:
+        the device never waits for the host's bookkeeping. The next call processes it.
+        """
+        if self._ahead is not None:
+            batch, handle = self._ahead
+            self._ahead = None
+        else:
+            batch = self.scheduler.schedule()
+            handle = None if batch.is_empty else self.runner.launch(batch)
+        if handle is not None and self.config.async_scheduling:
+            self._launch_ahead(batch, handle)
+        if handle is not None:
             now = time.monotonic()
-            result = self.runner.execute(batch)
+            result = handle.result()
             for i, seq in enumerate(batch.seqs):
+                if seq.is_finished:
+                    continue  # ended after this step was launched ahead: its row is void
                 req = self.requests[seq.request_id]
                 if req.metrics.first_scheduled_time is None:
                     req.metrics.first_scheduled_time = now
@@ -244,8 +285,17 @@ class LLMEngine:
             outputs.append(self._output(req))
             if finished:
                 req.reported_finished = True
-                del self.requests[req.request_id]
+                self._forget(req)
         return outputs
+
+    def _launch_ahead(self, batch: ScheduledBatch, handle: StepHandle) -> None:
+        if not self.runner.can_feed_tokens_on_device or not handle.rows:
+            return
+        if len(handle.rows) != len(batch) or any(n != 1 for n in batch.num_tokens):
+            return  # not a decode step
+        ahead = self.scheduler.schedule_ahead(batch)
+        if ahead is not None:
+            self._ahead = (ahead, self.runner.launch(ahead, after=handle))
 
     def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
         req = self.requests[seq.request_id]
@@ -266,6 +316,12 @@ class LLMEngine:
         if seq.is_finished:
             self._end_text(req, seq)
         req.pending = True
+
+    def _forget(self, req: _Request) -> None:
+        """A request reported finished: nothing of it stays in the engine or the runner."""
+        del self.requests[req.request_id]
+        for seq in req.seqs:
+            self.runner.release(seq)
 
     def _end_text(self, req: _Request, seq: Sequence) -> None:
         """A sequence ended: its text gets what its detokenizer holds back, and, where the text

@@ -36,7 +36,14 @@ LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_
 # Tensors some checkpoints carry that the model recomputes (Llama 2-era Meta `rope.freqs`).
 _IGNORED_EXTRAS = {"rope.freqs"}
 
-__all__ = ["CheckpointError", "ModelFiles", "Weights", "build_transformer", "load_model_files"]
+__all__ = [
+    "CheckpointError",
+    "ModelFiles",
+    "Weights",
+    "build_transformer",
+    "chat_format_for",
+    "load_model_files",
+]
 
 
 def build_transformer(
@@ -120,7 +127,7 @@ class ModelFiles:
     config: ModelConfig
     weights: Mapping[str, torch.Tensor]
     tokenizer: Tokenizer | HFTokenizer
-    chat: ChatFormat | ChatTemplate
+    chat: ChatFormat | ChatTemplate | None  # None: the model has no chat format
     # Weights a GGUF stores as 8-bit blocks (Q8_0/Q4_0/Q4_1), in that form, for `build_transformer`.
     block_int8: dict[str, BlockInt8Weight] = field(default_factory=dict)
 
@@ -139,17 +146,15 @@ class ModelFiles:
         )
 
 
-def _chat_for(
-    tokenizer: Tokenizer | HFTokenizer, template: str | None
-) -> ChatFormat | ChatTemplate:
-    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use their own template."""
+def chat_format_for(tokenizer: Tokenizer | HFTokenizer) -> ChatFormat | ChatTemplate | None:
+    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use the chat template that
+    came with their tokenizer. None for a model with neither (a base model): it can complete
+    text, not chat."""
     if all(t in tokenizer.special_tokens for t in LLAMA3_CHAT_TOKENS):
         return ChatFormat(tokenizer)
-    if not template:
-        raise CheckpointError(
-            f"{getattr(tokenizer, 'name', 'tokenizer')}: the model has no chat template"
-        )
-    return ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token, tokenizer)
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template:
+        return ChatTemplate.from_tokenizer(tokenizer)
+    return None
 
 
 def load_model_files(
@@ -166,20 +171,17 @@ def load_model_files(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    template = None
     block_int8 = {}
     if path.is_file() and is_gguf_file(path):
         config, weights = load_gguf_checkpoint(path)
         block_int8 = read_block_int8(path)
         tokenizer = HFTokenizer.from_gguf(read_gguf_metadata(path), name=path.name)
-        template = tokenizer.chat_template
     elif is_meta_checkpoint(path):
         config, weights = load_meta_checkpoint(path)
         tokenizer_path = tokenizer_path or path / "tokenizer.model"
     elif is_hf_checkpoint(path):
         config, weights = load_hf_checkpoint(path)
         tokenizer = HFTokenizer.from_file(path / "tokenizer.json")
-        template = tokenizer.chat_template
     else:
         raise CheckpointError(
             f"{path}: not a model: expected a .gguf file, a Meta checkpoint directory "
@@ -191,7 +193,6 @@ def load_model_files(
             raise FileNotFoundError(f"tokenizer_path {str(tokenizer_path)!r} is not a file")
         if tokenizer_path.suffix == ".json":
             tokenizer = HFTokenizer.from_file(tokenizer_path)
-            template = tokenizer.chat_template
         else:
             tokenizer = Tokenizer(tokenizer_path)
     if config.vocab_size < tokenizer.n_words:
@@ -199,5 +200,4 @@ def load_model_files(
             f"{path}: the model's vocabulary ({config.vocab_size}) is smaller than its "
             f"tokenizer's ({tokenizer.n_words} tokens)"
         )
-    chat = _chat_for(tokenizer, template)
-    return ModelFiles(path.name, config, weights, tokenizer, chat, block_int8)
+    return ModelFiles(path.name, config, weights, tokenizer, chat_format_for(tokenizer), block_int8)

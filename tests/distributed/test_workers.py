@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+import triton_interpreter
 from checkpoints import GQA8, KV1, random_meta_weights, write_meta_checkpoint
 
 from nucleus.assets import asset_path
@@ -43,8 +44,8 @@ def checkpoint(request, tmp_path_factory):
     return write_meta_checkpoint(path, shape, random_meta_weights(shape, seed=11), shards=2)
 
 
-def outputs(model: LLM, params: SamplingParams) -> list:
-    return [o for o in model.generate(PROMPTS, params)]
+def outputs(model: LLM, params: SamplingParams, prompts: list = PROMPTS) -> list:
+    return model.generate(prompts, params)
 
 
 def test_two_ranks_generate_what_one_does(checkpoint):
@@ -66,6 +67,34 @@ def test_two_ranks_generate_what_one_does(checkpoint):
     finally:
         two.shutdown()
     assert not any(p.is_alive() for p in two.engine.runner.workers.processes)
+
+
+def shard_for_triton_interpreter(ckpt: str, tp):
+    """Rank `tp`'s shard, in a process where Triton's interpreter is set up as in this one."""
+    triton_interpreter.set_up()
+    return _load_shard(ckpt, str(asset_path("llama3-tokenizer")), torch.float32, tp)
+
+
+def test_steps_launched_ahead_get_their_tokens_on_every_rank(tmp_path):
+    """The Triton backend (interpreted on the CPU) decodes on static buffers, and the engine
+    launches each decode step before the host has the tokens it reads: the workers receive them
+    from rank 0 by a broadcast. Same greedy tokens as one rank on the same backend."""
+    ckpt = write_meta_checkpoint(tmp_path, KV1, random_meta_weights(KV1, seed=14), shards=2)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    expected = outputs(llm(ckpt, attention_backend="triton"), greedy, prompts)
+    two = LLM.from_builder(
+        functools.partial(shard_for_triton_interpreter, str(ckpt)),
+        Tokenizer(asset_path("llama3-tokenizer")),
+        device="cpu", max_model_len=96, num_kv_blocks=48, block_size=8,
+        attention_backend="triton", tensor_parallel_size=2,
+    )  # fmt: skip
+    try:
+        assert two.engine.runner.can_feed_tokens_on_device
+        got = outputs(two, greedy, prompts)
+    finally:
+        two.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
 
 
 @pytest.fixture
