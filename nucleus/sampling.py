@@ -1,7 +1,8 @@
 """From logits to tokens: the reference's `sample_top_p`, and the engine's batched `Sampler`.
 
 The `Sampler` works on a whole batch at once (no Python loop per request), in this order:
-penalties and logit bias on the logits, temperature, softmax, one descending sort shared by top-k,
+penalties and logit bias on the logits, the structured-output masks (a token a row's constraint
+does not allow gets -inf; only constrained rows are touched), temperature, softmax, one descending sort shared by top-k,
 min-p and top-p, then a draw by exponential race, `argmax(probs / q)` with `q ~ Exp(1)`, which is
 how `torch.multinomial(probs, 1)` draws. Rows with their own seed draw `q` from their own
 `torch.Generator`, one `(V,)` draw per generated token whatever the batch, so a seeded request
@@ -72,6 +73,9 @@ class SamplingTensors:
     # Additive biases and bans as (rows, token ids, values); bans are -inf (min_tokens).
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Structured outputs: (rows (K,), bitmask (K, ceil(V / 32)) int32, bit t % 32 of word t // 32
+    # set where token t is allowed), for the K constrained rows; None when no row is constrained.
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def max_logprobs(self) -> int:
@@ -88,11 +92,13 @@ class SamplingTensors:
         prompt_ids: Sequence[Sequence[int]] | None = None,
         output_ids: Sequence[Sequence[int]] | None = None,
         banned_ids: Sequence[Iterable[int]] | None = None,
+        allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingTensors:
         """Build the step's tensors from each row's params (once per step).
 
         `prompt_ids`/`output_ids` are needed only when a row has a penalty; `banned_ids[i]` are
-        tokens row `i` may not produce this step (its stop tokens, while under `min_tokens`).
+        tokens row `i` may not produce this step (its stop tokens, while under `min_tokens`);
+        `allowed` are the structured-output masks of the constrained rows (`SamplingTensors.allowed`).
         """
         B, V = len(params), vocab_size
 
@@ -119,6 +125,7 @@ class SamplingTensors:
             do_top_p=any(p < 1.0 for p, g in zip(top_p, greedy, strict=True) if not g),
             do_top_k=any(k < V for k, g in zip(top_k, greedy, strict=True) if not g),
             do_min_p=any(m > 0 for m, g in zip(min_p, greedy, strict=True) if not g),
+            allowed=allowed,
         )
         if len(st.generators) != B:
             raise ValueError(f"{len(st.generators)} generators for {B} rows")
@@ -178,6 +185,8 @@ class SamplerOutput:
     top_ids: torch.Tensor | None  # (B, N) int64, N = the largest number of logprobs asked
     top_logprobs: torch.Tensor | None  # (B, N) float32
     nonfinite: torch.Tensor  # (B,) bool: the row's logits held NaN or inf
+    # (B,) bool: the row's constraint, with its bans, left no token to pick; None if unconstrained
+    no_allowed_token: torch.Tensor | None = None
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -201,6 +210,22 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
             rows, toks = st.banned
             x[rows, toks] = float("-inf")
     return x
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-inf on every token of `rows` whose bit in `bitmask` is clear; the other rows untouched.
+
+    Returns the masked logits (a new tensor) and, per row of `logits`, whether nothing is left.
+    """
+    B, V = logits.shape
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
+    masked = logits[rows].masked_fill(~allowed, float("-inf"))
+    nothing_left = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    nothing_left[rows] = ~(masked > float("-inf")).any(dim=-1)
+    return logits.index_put((rows,), masked), nothing_left
 
 
 def filter_sorted_probs(sorted_probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -233,13 +258,16 @@ class Sampler:
         # One pass: a NaN or inf anywhere in a row makes its sum NaN or inf.
         nonfinite = ~torch.isfinite(logits.sum(dim=-1))
         x = apply_penalties(logits, st)
+        no_allowed_token = None
+        if st.allowed is not None:
+            x, no_allowed_token = apply_token_bitmask(x, *st.allowed)
         greedy_tokens = x.argmax(dim=-1)
         if st.all_greedy:
             tokens = greedy_tokens
         else:
             probs = torch.softmax(x / st.temperature[:, None], dim=-1)
             tokens = torch.where(st.greedy, greedy_tokens, self._draw(probs, st))
-        out = SamplerOutput(tokens, None, None, None, nonfinite)
+        out = SamplerOutput(tokens, None, None, None, nonfinite, no_allowed_token)
         if st.max_logprobs >= 0:
             out.logprobs, out.top_ids, out.top_logprobs = compute_logprobs(
                 logits, tokens, st.max_logprobs

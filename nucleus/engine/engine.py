@@ -19,6 +19,7 @@ from nucleus.engine.detokenizer import IncrementalDetokenizer
 from nucleus.engine.runner import ModelRunner, auto_num_blocks
 from nucleus.engine.scheduler import Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
+from nucleus.engine.structured import StructuredOutputs
 from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
@@ -91,6 +92,7 @@ class LLMEngine:
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
             | self.stop_token_ids
         )
+        self.structured = StructuredOutputs(tokenizer, model.config.vocab_size)
         self.requests: dict[str, _Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -122,10 +124,15 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
                 "and one is needed for the output"
             )
+        grammars = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.structured.matchers(params.structured_outputs, params.n)
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
             Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)
         ]
+        for seq, grammar in zip(seqs, grammars, strict=True):
+            seq.grammar = grammar
         skip = self._special_ids if params.skip_special_tokens else self.stop_token_ids
         detoks = [
             IncrementalDetokenizer(self.tokenizer, stop=params.stop_strings, skip_token_ids=skip)
@@ -183,7 +190,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.is_empty:
             now = time.monotonic()
-            result = self.runner.execute(batch)
+            masks = self.structured.begin([batch.seqs[i].grammar for i in batch.sample_indices])
+            try:
+                result = self.runner.execute(batch, masks)
+            finally:
+                if masks is not None:
+                    masks.finish()  # the matchers are the engine's again
             for i, seq in enumerate(batch.seqs):
                 req = self.requests[seq.request_id]
                 if req.metrics.first_scheduled_time is None:
@@ -218,12 +230,21 @@ class LLMEngine:
         i, token = seq.index, seq.last_token_id
         detok = req.detoks[i]
         ended_by_token = seq.status is SequenceStatus.FINISHED_STOPPED
-        if not ended_by_token:
+        grammar_complete = False
+        if seq.grammar is not None and not seq.is_finished:
+            error = self.structured.accept(seq.grammar, token)
+            if error is not None:
+                seq.error = error
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            grammar_complete = seq.grammar.is_stopped()  # nothing may follow this token
+        if not ended_by_token and seq.status is not SequenceStatus.FINISHED_ERROR:
             check = seq.num_output_tokens >= seq.params.min_tokens
             req.texts[i] += detok.add([token], check_stop=check)
             if detok.stopped and not seq.is_finished:
                 seq.stop_reason = detok.stop_reason
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if grammar_complete and not seq.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if seq.is_finished:
             req.texts[i] += detok.flush()
         req.pending = True

@@ -16,6 +16,7 @@ import torch
 from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
+from nucleus.engine.structured import PendingMasks
 from nucleus.model import Transformer
 from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
 
@@ -147,11 +148,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, masks: PendingMasks | None = None) -> StepResult:
+        """Run one step. `masks`: the structured-output masks of the constrained rows among the
+        sampled ones (`StructuredOutputs.begin`), awaited only before sampling."""
         dev = self.device
         hidden = self.forward(batch.seqs, batch.starts, batch.num_tokens)
         ends = [start for start in _cumsum(batch.num_tokens)[1:]]
-        rows = [i for i, need in enumerate(batch.needs_sample) if need]
+        rows = batch.sample_indices
         result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
         self._prompt_logprobs(batch, hidden)
         if not rows:
@@ -172,25 +175,39 @@ class ModelRunner:
             prompt_ids=[s.prompt_token_ids for s in seqs] if penalties else None,
             output_ids=[s.output_token_ids for s in seqs] if penalties else None,
             banned_ids=[self._banned(s) for s in seqs],
+            allowed=masks.wait(dev) if masks is not None else None,
         )
         out = self.sampler(logits, st)
-        host = [out.token_ids, out.nonfinite]
-        if out.logprobs is not None:
-            host.append(out.logprobs)
-            if out.top_ids is not None:
-                host += [out.top_ids, out.top_logprobs]
-        host = [t.tolist() for t in host]  # the step's one device-to-host copy (per tensor)
-        tokens, nonfinite = host[0], host[1]
+        on_device = {
+            "tokens": out.token_ids,
+            "nonfinite": out.nonfinite,
+            "no_allowed_token": out.no_allowed_token,
+            "logprobs": out.logprobs,
+            "top_ids": out.top_ids,
+            "top_logprobs": out.top_logprobs,
+        }
+        # The step's one device-to-host copy (per tensor).
+        host = {name: t.tolist() for name, t in on_device.items() if t is not None}
+        tokens = host["tokens"]
         for j, i in enumerate(rows):
-            if nonfinite[j]:
+            if host["nonfinite"][j]:
                 result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
+                continue
+            if "no_allowed_token" in host and host["no_allowed_token"][j]:
+                result.errors[i] = (
+                    "the output constraint allows no token here (min_tokens or a banned stop "
+                    "token may conflict with it)"
+                )
                 continue
             result.token_ids[i] = tokens[j]
             n_top = st.num_logprobs[j]
             if n_top >= 0:
-                entry = {tokens[j]: host[2][j]}
+                entry = {tokens[j]: host["logprobs"][j]}
                 if n_top > 0:
-                    for t, lp in zip(host[3][j][:n_top], host[4][j][:n_top], strict=True):
+                    top = zip(
+                        host["top_ids"][j][:n_top], host["top_logprobs"][j][:n_top], strict=True
+                    )
+                    for t, lp in top:
                         entry.setdefault(t, lp)
                 result.logprobs[i] = entry
         return result

@@ -1,0 +1,217 @@
+"""Structured outputs in the engine, on a tiny random model with the default model's real
+vocabulary (SmolLM2's 49,152 tokens): whatever the random logits, the output is text the
+constraint accepts.
+
+Oracles: Python's `re.fullmatch` for regular expressions, `jsonschema` for JSON Schemas, `json`
+for "any JSON object"; the engine's own unconstrained runs for the rows a constraint must not
+touch (exact token ids); `torch.log_softmax` of the raw logits for logprobs (1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from toy import tiny_model
+
+from nucleus.assets import asset_path
+from nucleus.engine.engine import EngineConfig, LLMEngine
+from nucleus.engine.structured import grammar_for
+from nucleus.hf_tokenizer import HFTokenizer
+from nucleus.loaders.gguf import read_gguf_metadata
+from nucleus.sampling import Sampler, SamplingTensors
+from nucleus.sampling_params import SamplingParams
+from nucleus.sampling_params import StructuredOutputsParams as Constraint
+
+V = 49152
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "size": {"enum": ["S", "M", "L"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+    },
+    "required": ["ok", "size", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> HFTokenizer:
+    return HFTokenizer.from_gguf(read_gguf_metadata(asset_path("smollm2-135m-instruct")))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(vocab_size=V, dim=32, ffn=64, max_len=256, std=0.5, seed=0)
+
+
+def make_engine(model, tokenizer, **kw) -> LLMEngine:
+    kw.setdefault("num_kv_blocks", 128)
+    kw.setdefault("block_size", 8)
+    kw.setdefault("max_model_len", 256)
+    return LLMEngine(model, tokenizer, EngineConfig(**kw))
+
+
+PROMPTS = ["The answer is", "Give me JSON:", "abc", "Hello there, how are you today?"]
+
+
+def test_invalid_constraints_fail_with_the_compilers_message():
+    with pytest.raises(ValueError, match=r"invalid JSON Schema: .*foo"):
+        grammar_for(Constraint(json={"type": "foo"}))
+    with pytest.raises(ValueError, match=r"(?s)invalid regular expression: .*unclosed group"):
+        grammar_for(Constraint(regex="(ab"))
+    with pytest.raises(ValueError, match=r"(?s)invalid grammar: .*unknown name"):
+        grammar_for(Constraint(grammar="start: missing_rule"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        Constraint(regex="a", json_object=True)
+    with pytest.raises(ValueError, match="exactly one of"):
+        Constraint()
+    with pytest.raises(ValueError, match="choice must be a non-empty list"):
+        Constraint(choice=[])
+    with pytest.raises(ValueError, match="not valid JSON text"):
+        Constraint(json="{nope")
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs={"json": {}})
+
+
+@pytest.mark.parametrize(
+    ("constraint", "accepts"),
+    [
+        (Constraint(regex=r"[a-c]{2,6}(-[0-9]{2})?"), None),
+        (Constraint(choice=["yes", "no", "maybe so"]), lambda t: t in ("yes", "no", "maybe so")),
+        (Constraint(json=SCHEMA), lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+        (
+            Constraint(grammar='start: "(" item ("," item)* ")"\nitem: /[xy]/'),
+            lambda t: re.fullmatch(r"\([xy](,[xy])*\)", t) is not None,
+        ),
+        (
+            Constraint(grammar='root ::= "[" [0-9] "]"'),  # GBNF (llama.cpp)
+            lambda t: re.fullmatch(r"\[[0-9]\]", t) is not None,
+        ),
+    ],
+)
+def test_every_output_is_accepted_by_its_constraint(model, tokenizer, constraint, accepts):
+    if accepts is None:
+        accepts = lambda t: re.fullmatch(constraint.regex, t) is not None  # noqa: E731
+    engine = make_engine(model, tokenizer)
+    params = SamplingParams(
+        temperature=1.0, seed=3, n=3, max_tokens=64, structured_outputs=constraint
+    )
+    for out in engine.generate(PROMPTS, params):
+        for c in out.outputs:
+            assert c.finish_reason == "stop", c
+            assert accepts(c.text), c.text
+
+
+def test_any_json_object_is_a_json_object(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    constraint = Constraint(json_object=True)
+    # The random model writes long strings: a budget that ends some of them mid-object is fine,
+    # what is written must be a prefix of an object, and finished ones must parse.
+    params = SamplingParams(temperature=0, max_tokens=48, structured_outputs=constraint)
+    outs = engine.generate(PROMPTS, params)
+    for out in outs:
+        c = out.outputs[0]
+        assert c.text.startswith("{")
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+
+
+def test_unconstrained_rows_get_the_tokens_they_get_alone(model, tokenizer):
+    """Half the batch constrained: the other half's greedy tokens equal a run without them."""
+    alone = make_engine(model, tokenizer).generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
+    mixed_params = []
+    for _ in PROMPTS:
+        mixed_params.append(SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        mixed_params.append(
+            SamplingParams(temperature=0, max_tokens=12, structured_outputs=Constraint(json=SCHEMA))
+        )
+    mixed = make_engine(model, tokenizer).generate(
+        [p for p in PROMPTS for _ in range(2)], mixed_params
+    )
+    for i, out in enumerate(alone):
+        assert mixed[2 * i].outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_constraint_state_follows_preemption(model, tokenizer):
+    """A KV cache too small for the batch preempts and recomputes sequences; their matchers
+    keep the accepted tokens, so the outputs equal those of a roomy cache."""
+    constraint = Constraint(regex=r"[a-z ]{20,400}")
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=constraint)
+    roomy = make_engine(model, tokenizer, max_model_len=128).generate(PROMPTS, params)
+    tight_engine = make_engine(model, tokenizer, max_model_len=128, num_kv_blocks=16)
+    tight = tight_engine.generate(PROMPTS, params)
+    assert tight_engine.scheduler.num_preemptions > 0
+    for a, b in zip(roomy, tight, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert re.fullmatch(r"[a-z ]*", b.outputs[0].text)
+    assert tight_engine.block_manager.num_free_blocks == tight_engine.block_manager.num_blocks
+
+
+def test_stop_strings_max_tokens_and_logprobs_still_apply(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    regex = Constraint(regex=r"ab+c+d")
+    stopped, cut = engine.generate(
+        ["x", "y"],
+        [
+            SamplingParams(temperature=0, stop=["c"], structured_outputs=regex),
+            SamplingParams(temperature=0, max_tokens=2, structured_outputs=Constraint(json=SCHEMA)),
+        ],
+    )
+    assert stopped.outputs[0].finish_reason == "stop"
+    assert stopped.outputs[0].stop_reason == "c"
+    assert re.fullmatch(r"ab+", stopped.outputs[0].text)
+    assert cut.outputs[0].finish_reason == "length"
+    assert len(cut.outputs[0].token_ids) == 2
+
+
+def test_a_complete_constraint_ends_the_output_without_a_stop_token(model, tokenizer):
+    """Once nothing may follow, the sequence ends ("stop", no stop token sampled), even under
+    min_tokens or ignore_eos; the other row of the batch goes on."""
+    engine = make_engine(model, tokenizer)
+    choice = Constraint(choice=["yes", "no"])
+    outs = engine.generate(
+        ["a", "b", "c"],
+        [
+            SamplingParams(temperature=0, min_tokens=5, structured_outputs=choice),
+            SamplingParams(temperature=0, ignore_eos=True, structured_outputs=choice),
+            SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        ],
+    )
+    for out in outs[:2]:
+        assert out.outputs[0].finish_reason == "stop"
+        assert out.outputs[0].stop_reason is None
+        assert out.outputs[0].text in ("yes", "no")
+        assert tokenizer.decode(out.outputs[0].token_ids) == out.outputs[0].text
+    assert outs[2].outputs[0].finish_reason == "length"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_sampler_masks_only_constrained_rows_and_keeps_raw_logprobs():
+    torch.manual_seed(0)
+    B, vocab = 3, 70
+    logits = torch.randn(B, vocab)
+    allowed_tokens = [5, 33, 64, 69]
+    bitmask = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int32)  # row 2: nothing allowed
+    for t in allowed_tokens:
+        bitmask[0, t // 32] |= 1 << (t % 32)
+    params = [SamplingParams(temperature=0, logprobs=2)] * B
+    st = SamplingTensors.build(params, vocab_size=vocab, allowed=(torch.tensor([1, 2]), bitmask))
+    out = Sampler()(logits, st)
+    expected = logits.argmax(-1)
+    expected[1] = allowed_tokens[int(logits[1, allowed_tokens].argmax())]
+    assert out.token_ids.tolist()[:2] == expected.tolist()[:2]
+    assert out.no_allowed_token.tolist() == [False, False, True]
+    expected[2] = out.token_ids[2]  # meaningless: the runner fails that row
+    raw = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(
+        out.logprobs, raw.gather(-1, expected[:, None])[:, 0], rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(out.top_logprobs, raw.topk(2, -1).values, rtol=1e-5, atol=0)
