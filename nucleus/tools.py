@@ -207,13 +207,30 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
+def _array_items(text: str) -> list[Any]:
+    """The complete items of a JSON array, even one cut short by the token budget."""
+    decoder = json.JSONDecoder()
+    pos = text.find("[") + 1
+    items = []
+    while 0 < pos < len(text):
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            break
+        items.append(item)
+    return items
+
+
 def parse_tool_calls(
     text: str, tools: Sequence[Tool], choice: ToolChoice, *, parallel: bool = True
 ) -> list[ToolCall] | None:
     """The calls in a reply, or None when it is plain content.
 
-    For `"required"` and named choices the reply was constrained to the calls' JSON; for
-    `"auto"` it is read as the model wrote it. `parallel=False` keeps the first call only.
+    For `"required"` and named choices the reply was constrained to the calls' JSON (under
+    `"required"`, the complete calls of a reply cut short by `max_tokens` count); for `"auto"` it
+    is read as the model wrote it. `parallel=False` keeps the first call only.
     """
     if choice.mode == "none":
         return None
@@ -224,6 +241,10 @@ def parse_tool_calls(
             return None  # cut short (max_tokens): the text stands as content
         return [ToolCall(choice.name, json.dumps(args, ensure_ascii=False), _call_id())]
     names = {t.name for t in tools}
+    if choice.mode == "required":
+        objects = _array_items(text)
+        calls = [_as_call(obj, names) for obj in objects]
+        return [c for c in calls if c is not None][: None if parallel else 1] or None
     body = text.strip().removeprefix(_PYTHON_TAG).strip()
     blocks = _HERMES.findall(body) or [body]
     values = []

@@ -68,6 +68,11 @@ def _calls(request: ToolRequest | None, o: CompletionOutput) -> list[ToolCall] |
     return request.parse(o.text)
 
 
+def _finish_reason(o: CompletionOutput, calls: list[ToolCall] | None) -> str | None:
+    """ "tool_calls" for a reply of calls, unless the token budget cut it ("length")."""
+    return "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
+
+
 @dataclass
 class _ChoiceStream:
     """What one streamed choice has sent, and the text it holds back."""
@@ -146,7 +151,7 @@ async def create_chat_completion(
                 index=o.index,
                 message=message,
                 logprobs=lps,
-                finish_reason="tool_calls" if calls else o.finish_reason,
+                finish_reason=_finish_reason(o, calls),
             )
         )
     body = ChatCompletionResponse(
@@ -226,7 +231,7 @@ async def _stream(
                         for j, call in enumerate(calls)
                     ]
                     yield chunk(o.index, {"tool_calls": deltas}, held_lps)
-                    finish = "tool_calls"
+                    finish = _finish_reason(o, calls)
                 elif c.held or c.held_logprobs:
                     yield chunk(o.index, {"content": c.held}, held_lps)
             yield chunk(o.index, {}, None, finish)
