@@ -1,8 +1,8 @@
 """From logits to tokens: the reference's `sample_top_p`, and the engine's batched `Sampler`.
 
 The `Sampler` works on a whole batch at once (no Python loop per request), in this order:
-penalties and logit bias on the logits, the structured-output masks (a token a row's constraint
-does not allow gets -inf; only constrained rows are touched), temperature, softmax, one descending sort shared by top-k,
+penalties and logit bias on the logits, the structured-output masks (a bias of -inf on the tokens
+a row's constraint does not allow, added to the constrained rows only), temperature, softmax, one descending sort shared by top-k,
 min-p and top-p, then a draw by exponential race, `argmax(probs / q)` with `q ~ Exp(1)`, which is
 how `torch.multinomial(probs, 1)` draws. Rows with their own seed draw `q` from their own
 `torch.Generator`, one `(V,)` draw per generated token whatever the batch, so a seeded request
@@ -73,8 +73,8 @@ class SamplingTensors:
     # Additive biases and bans as (rows, token ids, values); bans are -inf (min_tokens).
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
-    # Structured outputs: (rows (K,), bitmask (K, ceil(V / 32)) int32, bit t % 32 of word t // 32
-    # set where token t is allowed), for the K constrained rows; None when no row is constrained.
+    # Structured outputs: (rows (K,), bias (K, V) float32: 0 where the row's constraint allows the
+    # token, -inf where not) for the K constrained rows; None when no row is constrained.
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -185,8 +185,6 @@ class SamplerOutput:
     top_ids: torch.Tensor | None  # (B, N) int64, N = the largest number of logprobs asked
     top_logprobs: torch.Tensor | None  # (B, N) float32
     nonfinite: torch.Tensor  # (B,) bool: the row's logits held NaN or inf
-    # (B,) bool: the row's constraint, with its bans, left no token to pick; None if unconstrained
-    no_allowed_token: torch.Tensor | None = None
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -210,22 +208,6 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
             rows, toks = st.banned
             x[rows, toks] = float("-inf")
     return x
-
-
-def apply_token_bitmask(
-    logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-inf on every token of `rows` whose bit in `bitmask` is clear; the other rows untouched.
-
-    Returns the masked logits (a new tensor) and, per row of `logits`, whether nothing is left.
-    """
-    B, V = logits.shape
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
-    masked = logits[rows].masked_fill(~allowed, float("-inf"))
-    nothing_left = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    nothing_left[rows] = ~(masked > float("-inf")).any(dim=-1)
-    return logits.index_put((rows,), masked), nothing_left
 
 
 def filter_sorted_probs(sorted_probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -258,16 +240,15 @@ class Sampler:
         # One pass: a NaN or inf anywhere in a row makes its sum NaN or inf.
         nonfinite = ~torch.isfinite(logits.sum(dim=-1))
         x = apply_penalties(logits, st)
-        no_allowed_token = None
         if st.allowed is not None:
-            x, no_allowed_token = apply_token_bitmask(x, *st.allowed)
+            x = x.index_add(0, *st.allowed)  # a new tensor: the raw logits stay for logprobs
         greedy_tokens = x.argmax(dim=-1)
         if st.all_greedy:
             tokens = greedy_tokens
         else:
             probs = torch.softmax(x / st.temperature[:, None], dim=-1)
             tokens = torch.where(st.greedy, greedy_tokens, self._draw(probs, st))
-        out = SamplerOutput(tokens, None, None, None, nonfinite, no_allowed_token)
+        out = SamplerOutput(tokens, None, None, None, nonfinite)
         if st.max_logprobs >= 0:
             out.logprobs, out.top_ids, out.top_logprobs = compute_logprobs(
                 logits, tokens, st.max_logprobs

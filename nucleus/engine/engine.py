@@ -190,7 +190,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.is_empty:
             now = time.monotonic()
-            masks = self.structured.begin([batch.seqs[i].grammar for i in batch.sample_indices])
+            masks = self.structured.begin(
+                [batch.seqs[i].grammar for i in batch.sample_indices], self.runner.device
+            )
             try:
                 result = self.runner.execute(batch, masks)
             finally:

@@ -181,7 +181,6 @@ class ModelRunner:
         on_device = {
             "tokens": out.token_ids,
             "nonfinite": out.nonfinite,
-            "no_allowed_token": out.no_allowed_token,
             "logprobs": out.logprobs,
             "top_ids": out.top_ids,
             "top_logprobs": out.top_logprobs,
@@ -189,15 +188,13 @@ class ModelRunner:
         # The step's one device-to-host copy (per tensor).
         host = {name: t.tolist() for name, t in on_device.items() if t is not None}
         tokens = host["tokens"]
+        blocked = masks.blocked if masks is not None else ()
         for j, i in enumerate(rows):
             if host["nonfinite"][j]:
                 result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
                 continue
-            if "no_allowed_token" in host and host["no_allowed_token"][j]:
-                result.errors[i] = (
-                    "the output constraint allows no token here (min_tokens or a banned stop "
-                    "token may conflict with it)"
-                )
+            if j in blocked:
+                result.errors[i] = "the output constraint allows no token here"
                 continue
             result.token_ids[i] = tokens[j]
             n_top = st.num_logprobs[j]

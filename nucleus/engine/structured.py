@@ -4,8 +4,10 @@ A request's `StructuredOutputsParams` becomes an llguidance grammar (`grammar_fo
 against the model's vocabulary into one `LLMatcher` per sequence when the request is added. Each
 step, the masks of every constrained row that samples are computed together, by llguidance's
 executor, in a worker thread that runs while the model computes the logits (`begin`); the runner
-waits for them only before sampling (`PendingMasks.wait`) and the sampler applies them on the
-logits' device. After the step the engine feeds each sampled token to its matcher (`accept`).
+waits for them only before sampling (`PendingMasks.wait`) and the sampler adds them to the logits
+on the logits' device as a bias of 0 (allowed) or -inf. On the CPU the worker also unpacks the
+bitmask into that bias (numpy, off the critical path); for an accelerator the packed bitmask (32
+times smaller) crosses and is unpacked there. After the step the engine feeds each sampled token to its matcher (`accept`).
 
 A matcher's state is the output tokens it has accepted, and those survive preemption: a preempted
 sequence recomputes its KV cache, not its tokens, so the matcher needs no rollback.
@@ -23,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 from llguidance.torch import fill_next_token_bitmask_par
 
@@ -91,19 +94,45 @@ def llguidance_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokeni
     )
 
 
+def bitmask_to_bias(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """llguidance's bitmask (bit `t % 32` of word `t // 32` set where token `t` is allowed) as an
+    additive float32 bias: 0 where allowed, -inf elsewhere; on the bitmask's device."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]
+    zero = torch.zeros((), dtype=torch.float32, device=bitmask.device)
+    return torch.where(allowed, zero, float("-inf"))
+
+
+def _bitmask_to_bias_numpy(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`bitmask_to_bias` for the CPU, with numpy's `unpackbits` (no torch threads needed, so it
+    runs beside the forward without competing for them)."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(np.where(bits[:, :vocab_size], np.float32(0), np.float32(-np.inf)))
+
+
 class PendingMasks:
     """The masks of one step's constrained rows, being computed in the worker thread."""
 
-    def __init__(self, rows: list[int], bitmask: torch.Tensor, done: Future[None]) -> None:
+    def __init__(
+        self, rows: list[int], done: Future[tuple[torch.Tensor, list[int]]], vocab_size: int
+    ) -> None:
         self.rows = rows  # positions among the step's sampled rows
-        self.bitmask = bitmask  # (len(rows), ceil(V / 32)) int32 on the CPU; bit set: allowed
         self._done = done
+        self._vocab_size = vocab_size
 
     def wait(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(rows, bitmask)` on `device`, once computed."""
-        self._done.result()
+        """`(rows, bias)` on `device` once computed: the rows' positions among the sampled rows,
+        and their `(len(rows), V)` additive bias (0 allowed, -inf not)."""
+        bias, _ = self._done.result()
+        if bias.dtype == torch.int32:  # a bitmask for an accelerator: unpacked there
+            bias = bitmask_to_bias(bias.to(device, non_blocking=True), self._vocab_size)
         rows = torch.tensor(self.rows, dtype=torch.int64).to(device, non_blocking=True)
-        return rows, self.bitmask.to(device, non_blocking=True)
+        return rows, bias.to(device, non_blocking=True)
+
+    @property
+    def blocked(self) -> set[int]:
+        """Positions (among the sampled rows) whose constraint allows no token at all."""
+        return {self.rows[k] for k in self._done.result()[1]}
 
     def finish(self) -> None:
         """Wait without using the masks (the step failed): the matchers are free again."""
@@ -134,7 +163,9 @@ class StructuredOutputs:
             raise ValueError(f"the output constraint does not compile: {matcher.get_error()}")
         return [matcher] + [matcher.deep_copy() for _ in range(n - 1)]
 
-    def begin(self, matchers: Sequence[llguidance.LLMatcher | None]) -> PendingMasks | None:
+    def begin(
+        self, matchers: Sequence[llguidance.LLMatcher | None], device: torch.device
+    ) -> PendingMasks | None:
         """Start computing the masks of the rows that have a matcher (None: no constrained row)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
@@ -142,17 +173,25 @@ class StructuredOutputs:
         if self._worker is None:
             self._executor = llguidance.LLExecutor()
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="nucleus-masks")
-        words = (self.vocab_size + 31) // 32
-        bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
-        if torch.cuda.is_available():
-            bitmask = bitmask.pin_memory()
         jobs = [(matchers[i], k) for k, i in enumerate(rows)]
-        done = self._worker.submit(fill_next_token_bitmask_par, self._executor, jobs, bitmask)
-        return PendingMasks(rows, bitmask, done)
+        done = self._worker.submit(self._compute, jobs, torch.device(device))
+        return PendingMasks(rows, done, self.vocab_size)
+
+    def _compute(
+        self, jobs: list[tuple[llguidance.LLMatcher, int]], device: torch.device
+    ) -> tuple[torch.Tensor, list[int]]:
+        """In the worker: the bitmask of every job, then (on the CPU) the bias it gives."""
+        bitmask = torch.zeros(len(jobs), (self.vocab_size + 31) // 32, dtype=torch.int32)
+        fill_next_token_bitmask_par(self._executor, jobs, bitmask)
+        blocked = (bitmask == 0).all(dim=1).nonzero().flatten().tolist()
+        if device.type != "cpu":
+            return (bitmask.pin_memory() if device.type == "cuda" else bitmask), blocked
+        return _bitmask_to_bias_numpy(bitmask, self.vocab_size), blocked
 
     @staticmethod
     def accept(matcher: llguidance.LLMatcher, token: int) -> str | None:
         """Advance a matcher by a sampled token; returns an error message if it refused it."""
         if matcher.consume_token(token):
             return None
-        return f"the sampled token {token} breaks the output constraint: {matcher.get_error()}"
+        reason = matcher.get_error().splitlines()[0]  # the rest is the parser's state dump
+        return f"the sampled token {token} breaks the output constraint: {reason}"

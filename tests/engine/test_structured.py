@@ -19,7 +19,12 @@ from toy import tiny_model
 
 from nucleus.assets import asset_path
 from nucleus.engine.engine import EngineConfig, LLMEngine
-from nucleus.engine.structured import grammar_for
+from nucleus.engine.structured import (
+    StructuredOutputs,
+    _bitmask_to_bias_numpy,
+    bitmask_to_bias,
+    grammar_for,
+)
 from nucleus.hf_tokenizer import HFTokenizer
 from nucleus.loaders.gguf import read_gguf_metadata
 from nucleus.sampling import Sampler, SamplingTensors
@@ -194,24 +199,72 @@ def test_a_complete_constraint_ends_the_output_without_a_stop_token(model, token
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_both_bitmask_unpackings_give_the_same_bias():
+    """The CPU's numpy unpacking (worker thread) and the device one (torch) agree, bit for bit,
+    with the tokens set one by one; tokens past the vocabulary are dropped."""
+    vocab = 70
+    allowed = [0, 5, 31, 32, 33, 64, 69]
+    bitmask = torch.zeros(2, 3, dtype=torch.int32)
+    for t in allowed:
+        word = bitmask[0, t // 32].item() | (1 << (t % 32))
+        bitmask[0, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
+    bitmask[1] = -1  # every token
+    expected = torch.full((2, vocab), float("-inf"))
+    expected[0, allowed] = 0
+    expected[1] = 0
+    assert torch.equal(bitmask_to_bias(bitmask, vocab), expected)
+    assert torch.equal(_bitmask_to_bias_numpy(bitmask, vocab), expected)
+
+
 def test_sampler_masks_only_constrained_rows_and_keeps_raw_logprobs():
     torch.manual_seed(0)
     B, vocab = 3, 70
     logits = torch.randn(B, vocab)
     allowed_tokens = [5, 33, 64, 69]
-    bitmask = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int32)  # row 2: nothing allowed
-    for t in allowed_tokens:
-        bitmask[0, t // 32] |= 1 << (t % 32)
+    bias = torch.full((1, vocab), float("-inf"))
+    bias[0, allowed_tokens] = 0
     params = [SamplingParams(temperature=0, logprobs=2)] * B
-    st = SamplingTensors.build(params, vocab_size=vocab, allowed=(torch.tensor([1, 2]), bitmask))
+    st = SamplingTensors.build(params, vocab_size=vocab, allowed=(torch.tensor([1]), bias))
     out = Sampler()(logits, st)
     expected = logits.argmax(-1)
     expected[1] = allowed_tokens[int(logits[1, allowed_tokens].argmax())]
-    assert out.token_ids.tolist()[:2] == expected.tolist()[:2]
-    assert out.no_allowed_token.tolist() == [False, False, True]
-    expected[2] = out.token_ids[2]  # meaningless: the runner fails that row
+    assert out.token_ids.tolist() == expected.tolist()
     raw = torch.log_softmax(logits, -1)
     torch.testing.assert_close(
         out.logprobs, raw.gather(-1, expected[:, None])[:, 0], rtol=1e-5, atol=0
     )
     torch.testing.assert_close(out.top_logprobs, raw.topk(2, -1).values, rtol=1e-5, atol=0)
+    sampled = Sampler()(
+        logits,
+        SamplingTensors.build(
+            [SamplingParams(temperature=1.0, top_p=0.9)] * B,
+            vocab_size=vocab,
+            allowed=(torch.tensor([0, 2]), bias.expand(2, vocab)),
+        ),
+    )
+    assert sampled.token_ids[0] in allowed_tokens and sampled.token_ids[2] in allowed_tokens
+
+
+def test_masks_of_a_step_and_rows_with_nothing_allowed(tokenizer, monkeypatch):
+    """Each constrained row gets its own mask, unconstrained rows none; a matcher that refused a
+    token allows only the stop tokens; a mask with no bit set is reported (the runner then fails
+    that row alone)."""
+    structured = StructuredOutputs(tokenizer, V)
+    good, bad = structured.matchers(Constraint(regex="[ab]+"), 2)
+    assert "breaks the output constraint" in structured.accept(
+        bad, tokenizer.encode("z", bos=False, eos=False)[0]
+    )
+    pending = structured.begin([good, None, bad], torch.device("cpu"))
+    rows, bias = pending.wait("cpu")
+    assert rows.tolist() == [0, 2] and pending.blocked == set()
+    allowed = (bias[0] == 0).nonzero().flatten().tolist()
+    assert allowed and all(re.fullmatch("[ab]+", tokenizer.decode([t])) for t in allowed)
+    assert set((bias[1] == 0).nonzero().flatten().tolist()) == tokenizer.stop_tokens
+
+    def fill_nothing(executor, jobs, bitmask):  # as if no token were allowed anywhere
+        bitmask.zero_()
+
+    monkeypatch.setattr("nucleus.engine.structured.fill_next_token_bitmask_par", fill_nothing)
+    pending = structured.begin([None, good], torch.device("cpu"))
+    pending.wait("cpu")
+    assert pending.blocked == {1}
