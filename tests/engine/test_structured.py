@@ -9,6 +9,7 @@ touch (exact token ids); `torch.log_softmax` of the raw logits for logprobs (1e-
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -18,6 +19,7 @@ import torch
 from toy import tiny_model
 
 from nucleus.assets import asset_path
+from nucleus.async_llm import AsyncLLM
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.engine.structured import (
     StructuredOutputs,
@@ -268,3 +270,28 @@ def test_masks_of_a_step_and_rows_with_nothing_allowed(tokenizer, monkeypatch):
     pending = structured.begin([None, good], torch.device("cpu"))
     pending.wait("cpu")
     assert pending.blocked == {1}
+
+
+def test_a_constraint_that_does_not_compile_fails_its_request_alone(model, tokenizer):
+    """Through `AsyncLLM` (the server's face): the bad request ends with finish reason "error"
+    and the compiler's message; the good one, added in the same breath, finishes."""
+    llm = AsyncLLM.from_engine(make_engine(model, tokenizer))
+    bad = SamplingParams(max_tokens=4, structured_outputs=Constraint(regex="a(b"))
+    good = SamplingParams(temperature=0, max_tokens=4, structured_outputs=Constraint(regex="x+"))
+
+    async def final(prompt, params, rid):
+        async for out in llm.generate(prompt, params, rid):
+            last = out
+        return last
+
+    async def main():
+        return await asyncio.gather(final("a", bad, "bad"), final("b", good, "good"))
+
+    try:
+        bad_out, good_out = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert bad_out.outputs[0].finish_reason == "error"
+    assert "invalid regular expression" in bad_out.outputs[0].error
+    assert good_out.outputs[0].finish_reason in ("stop", "length")
+    assert re.fullmatch("x+", good_out.outputs[0].text)
