@@ -178,19 +178,16 @@ class ModelRunner:
             allowed=masks.wait(dev) if masks is not None else None,
         )
         out = self.sampler(logits, st)
-        on_device = {
-            "tokens": out.token_ids,
-            "nonfinite": out.nonfinite,
-            "logprobs": out.logprobs,
-            "top_ids": out.top_ids,
-            "top_logprobs": out.top_logprobs,
-        }
-        # The step's one device-to-host copy (per tensor).
-        host = {name: t.tolist() for name, t in on_device.items() if t is not None}
-        tokens = host["tokens"]
+        host = [out.token_ids, out.nonfinite]
+        if out.logprobs is not None:
+            host.append(out.logprobs)
+            if out.top_ids is not None:
+                host += [out.top_ids, out.top_logprobs]
+        host = [t.tolist() for t in host]  # the step's one device-to-host copy (per tensor)
+        tokens, nonfinite = host[0], host[1]
         blocked = masks.blocked if masks is not None else ()
         for j, i in enumerate(rows):
-            if host["nonfinite"][j]:
+            if nonfinite[j]:
                 result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
                 continue
             if j in blocked:
@@ -199,12 +196,9 @@ class ModelRunner:
             result.token_ids[i] = tokens[j]
             n_top = st.num_logprobs[j]
             if n_top >= 0:
-                entry = {tokens[j]: host["logprobs"][j]}
+                entry = {tokens[j]: host[2][j]}
                 if n_top > 0:
-                    top = zip(
-                        host["top_ids"][j][:n_top], host["top_logprobs"][j][:n_top], strict=True
-                    )
-                    for t, lp in top:
+                    for t, lp in zip(host[3][j][:n_top], host[4][j][:n_top], strict=True):
                         entry.setdefault(t, lp)
                 result.logprobs[i] = entry
         return result
