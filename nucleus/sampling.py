@@ -4,9 +4,9 @@ The `Sampler` works on a whole batch at once (no Python loop per request), in th
 penalties and logit bias on the logits, the structured-output masks (a bias of -inf on the tokens
 a row's constraint does not allow, added to the constrained rows only), temperature, softmax, one
 descending sort shared by top-k, min-p and top-p, then a draw by exponential race,
-`argmax(probs / q)` with `q ~ Exp(1)`, which is how `torch.multinomial(probs, 1)` draws. Rows with their own seed draw `q` from their own
-`torch.Generator`, one `(V,)` draw per generated token whatever the batch, so a seeded request
-gives the same tokens alone or in a batch. That per-row draw is the only loop over rows, and only
+`argmax(probs / q)` with `q ~ Exp(1)`, which is how `torch.multinomial(probs, 1)` draws. Rows
+with their own seed draw `q` from their own `torch.Generator`, one `(V,)` draw per generated token
+whatever the batch, so a seeded request gives the same tokens alone or in a batch. That per-row draw is the only loop over rows, and only
 over rows that carry a generator. Log-probabilities are always of the raw model distribution
 (`log_softmax` of the unmodified logits), as the reference gives.
 
