@@ -6,9 +6,10 @@ a row's constraint does not allow, added to the constrained rows only), temperat
 descending sort shared by top-k, min-p and top-p, then a draw by exponential race,
 `argmax(probs / q)` with `q ~ Exp(1)`, which is how `torch.multinomial(probs, 1)` draws. Rows
 with their own seed draw `q` from their own `torch.Generator`, one `(V,)` draw per generated token
-whatever the batch, so a seeded request gives the same tokens alone or in a batch. That per-row draw is the only loop over rows, and only
-over rows that carry a generator. Log-probabilities are always of the raw model distribution
-(`log_softmax` of the unmodified logits), as the reference gives.
+whatever the batch, so a seeded request gives the same tokens alone or in a batch. That per-row
+draw is the only loop over rows, and only over rows that carry a generator. Log-probabilities are
+always of the raw model distribution (`log_softmax` of the unmodified logits), as the reference
+gives.
 
 Top-p on a row without top-k or min-p is exactly the reference's `sample_top_p`: the kept tokens
 are those whose higher-ranked mass (exclusive cumulative sum) is `<= p`. With top-k or min-p, those
