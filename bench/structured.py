@@ -11,7 +11,10 @@ within the budget, so both batches generate exactly the same number of tokens an
 difference is the constraint work: compiling the schema, one mask per constrained row per step
 (computed in a worker thread during the forward), applying it in the sampler, and advancing the
 matcher. The two batches alternate for `--rounds` rounds (a shared machine's load falls on both);
-each one's best counts.
+each one's best counts. Because a shared machine's load swings the tok/s of single runs, the
+script also times, inside the same runs, the constraint work on the engine thread (waiting for
+the step's masks, starting the worker, compiling, feeding tokens to the matchers) and the sampler,
+as shares of the run's wall time, and prints each round's ratio (its two runs are adjacent).
 
 `--before DIR` also times the unconstrained batch with the nucleus of another checkout (a path
 whose `nucleus/` is the code before structured outputs), in subprocesses alternating with this
@@ -54,7 +57,49 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
     ]
 
 
-def run_batch(llm, convs, max_tokens: int, constrained: bool) -> dict:
+class Timers:
+    """Wall time spent inside chosen functions (wrapped in place), summed per name: the share of
+    a run the constraint work takes, measured within the run itself, so a shared machine's load
+    weighs on both sides of the ratio."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(owner, name, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+
+def instrument(llm) -> Timers:
+    """Time the step, the sampler, and each piece of constraint work on the engine thread: the
+    wait for the step's masks (whatever of the worker's work the forward did not hide), the
+    matchers' compilation, starting the worker, and feeding tokens to the matchers."""
+    from nucleus.engine import structured
+
+    timers = Timers()
+    engine = llm.engine
+    timers.wrap(engine.runner, "execute", "step")
+    timers.wrap(engine.runner, "sampler", "sampler")
+    timers.wrap(engine.structured, "matchers", "compile")
+    timers.wrap(engine.structured, "begin", "begin")
+    timers.wrap(engine.structured, "accept", "accept")
+    timers.wrap(structured.PendingMasks, "wait", "wait for masks")
+    return timers
+
+
+def run_batch(llm, convs, max_tokens: int, constrained: bool, timers: Timers | None = None):
     from nucleus.sampling_params import SamplingParams
 
     plain = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -78,6 +123,7 @@ def run_batch(llm, convs, max_tokens: int, constrained: bool) -> dict:
         "tokens": tokens,
         "tok_per_s": tokens / elapsed,
         "sample_constrained": outs[1].outputs[0].text[:120] if constrained else None,
+        "timers_s": timers.take() if timers is not None else {},
     }
 
 
@@ -123,10 +169,11 @@ def main() -> None:
     llm = load(args.threads)
     convs = conversations(args.num_requests)
     run_batch(llm, convs[:4], 4, constrained=True)  # warm-up: kernels, llguidance's tokenizer
+    timers = instrument(llm)
     plain, mixed = [], []
     for r in range(args.rounds):
-        plain.append(run_batch(llm, convs, args.max_tokens, constrained=False))
-        mixed.append(run_batch(llm, convs, args.max_tokens, constrained=True))
+        plain.append(run_batch(llm, convs, args.max_tokens, constrained=False, timers=timers))
+        mixed.append(run_batch(llm, convs, args.max_tokens, constrained=True, timers=timers))
         print(
             f"round {r + 1}: unconstrained {plain[-1]['tok_per_s']:.1f} tok/s, "
             f"half constrained {mixed[-1]['tok_per_s']:.1f} tok/s",
@@ -136,6 +183,9 @@ def main() -> None:
     best_mixed = max(mixed, key=lambda x: x["tok_per_s"])
     assert best_plain["tokens"] == best_mixed["tokens"], "the batches must generate alike"
     ratio = best_mixed["tok_per_s"] / best_plain["tok_per_s"]
+    # Each round's two runs are next to each other in time: their ratio sees the least drift.
+    paired = sorted(m["tok_per_s"] / p["tok_per_s"] for p, m in zip(plain, mixed, strict=True))
+    median_paired = paired[len(paired) // 2]
 
     here = str(Path(__file__).resolve().parent.parent)
     before_runs, after_runs = [], []
@@ -154,6 +204,7 @@ def main() -> None:
         ("unconstrained batch", best_plain["tok_per_s"], 1.0),
         ("half JSON-Schema constrained", best_mixed["tok_per_s"], ratio),
     ]
+    print(f"paired ratios by round: {[round(x, 3) for x in paired]}, median {median_paired:.3f}")
     if before_runs:
         b = max(r["tok_per_s"] for r in before_runs)
         a = max(r["tok_per_s"] for r in after_runs)
@@ -164,6 +215,23 @@ def main() -> None:
     for name, tps, rel in rows:
         print(f"| {name:<32} | {tps:>12.1f} | {rel:>6.3f} |")
     print(f"\nconstrained sample: {best_mixed['sample_constrained']!r}")
+    # The constraint work on the engine thread, as a share of the mixed runs' time (all rounds).
+    total = sum(r["elapsed_s"] for r in mixed)
+    work = {}
+    for r in mixed:
+        for name, t in r["timers_s"].items():
+            work[name] = work.get(name, 0.0) + t
+    print(
+        f"\nwhere the half-constrained runs spent their {total:.1f} s (engine thread, all rounds):"
+    )
+    for name in ("step", "sampler", "wait for masks", "begin", "compile", "accept"):
+        t = work.get(name, 0.0)
+        print(f"  {name:<16} {t:8.3f} s  {100 * t / total:6.2f} %")
+    plain_sampler = sum(r["timers_s"].get("sampler", 0.0) for r in plain)
+    plain_total = sum(r["elapsed_s"] for r in plain)
+    print(
+        f"  (unconstrained runs: sampler {100 * plain_sampler / plain_total:.2f} % of their time)"
+    )
 
     result = {
         "bench": "structured",
@@ -174,7 +242,14 @@ def main() -> None:
         "schema": SCHEMA,
         "unconstrained_runs": plain,
         "mixed_runs": mixed,
-        "ratio": ratio,
+        "ratio_of_bests": ratio,
+        "paired_ratios": paired,
+        "median_paired_ratio": median_paired,
+        "constraint_work_share": {
+            name: sum(r["timers_s"].get(name, 0.0) for r in mixed)
+            / sum(r["elapsed_s"] for r in mixed)
+            for name in ("step", "sampler", "wait for masks", "begin", "compile", "accept")
+        },
         "before_runs": before_runs,
         "after_runs": after_runs,
     }
