@@ -205,10 +205,18 @@ def main() -> None:
         ("half JSON-Schema constrained", best_mixed["tok_per_s"], ratio),
     ]
     print(f"paired ratios by round: {[round(x, 3) for x in paired]}, median {median_paired:.3f}")
+    before_after = []
     if before_runs:
         b = max(r["tok_per_s"] for r in before_runs)
         a = max(r["tok_per_s"] for r in after_runs)
         rows += [("unconstrained, code before", b, 1.0), ("unconstrained, this code", a, a / b)]
+        before_after = sorted(
+            x["tok_per_s"] / y["tok_per_s"] for y, x in zip(before_runs, after_runs, strict=True)
+        )
+        print(
+            f"now/before paired by round: {[round(x, 3) for x in before_after]}, "
+            f"median {before_after[len(before_after) // 2]:.3f}"
+        )
     print(f"\n{args.num_requests} requests x {args.max_tokens} tokens, best of {args.rounds}")
     print(f"| {'batch':<32} | {'output tok/s':>12} | {'ratio':>6} |")
     print(f"|{'-' * 34}|{'-' * 14}|{'-' * 8}|")
@@ -251,6 +259,7 @@ def main() -> None:
             for name in ("step", "sampler", "wait for masks", "begin", "compile", "accept")
         },
         "before_runs": before_runs,
+        "now_over_before_paired": before_after,
         "after_runs": after_runs,
     }
     out = Path(args.out or Path(here) / "bench" / "results" / "structured.json")
