@@ -80,11 +80,11 @@ def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(model, monke
     execute = llm.engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, masks=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
-        return execute(batch)
+        return execute(batch, masks)
 
     monkeypatch.setattr(llm.engine.runner, "execute", flaky)
 
