@@ -252,7 +252,7 @@ class LLM:
         added = []
         try:
             for rid, prompt, p in zip(ids, items, params, strict=True):
-                engine.add_request(rid, prompt, p)
+                engine.add_request(rid, prompt, p, stream=False)
                 added.append(rid)
         except Exception:
             for rid in added:  # all or nothing: leave the engine as it was

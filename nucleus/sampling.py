@@ -53,11 +53,12 @@ def sample_top_p(
 class SamplingTensors:
     """Per-row sampling parameters of one step, as tensors on the logits' device."""
 
-    temperature: torch.Tensor  # (B,) float32; 1.0 on greedy rows
-    greedy: torch.Tensor  # (B,) bool
-    top_p: torch.Tensor  # (B,) float32
-    top_k: torch.Tensor  # (B,) int64; V where off
-    min_p: torch.Tensor  # (B,) float32
+    # Per-row tensors of the sampled path (None when every row is greedy: argmax needs none).
+    temperature: torch.Tensor | None  # (B,) float32; 1.0 on greedy rows
+    greedy: torch.Tensor | None  # (B,) bool
+    top_p: torch.Tensor | None  # (B,) float32
+    top_k: torch.Tensor | None  # (B,) int64; V where off
+    min_p: torch.Tensor | None  # (B,) float32
     generators: list[torch.Generator | None]
     greedy_rows: list[bool]
     num_logprobs: list[int]  # per row: N top alternatives wanted, -1 for no logprobs at all
@@ -93,13 +94,16 @@ class SamplingTensors:
         prompt_ids: Sequence[Sequence[int]] | None = None,
         output_ids: Sequence[Sequence[int]] | None = None,
         banned_ids: Sequence[Iterable[int]] | None = None,
+        token_counts: tuple[torch.Tensor, torch.Tensor] | None = None,
         allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingTensors:
         """Build the step's tensors from each row's params (once per step).
 
-        `prompt_ids`/`output_ids` are needed only when a row has a penalty; `banned_ids[i]` are
-        tokens row `i` may not produce this step (its stop tokens, while under `min_tokens`);
-        `allowed`: the structured-output masks of the constrained rows (`SamplingTensors.allowed`).
+        `prompt_ids`/`output_ids` are needed only when a row has a penalty, unless `token_counts`
+        gives their result, `(output counts (B, V) float32, prompt masks (B, V) bool)`, already on
+        the device (`nucleus.engine.penalties`); `banned_ids[i]` are tokens row `i` may not
+        produce this step (its stop tokens, while under `min_tokens`); `allowed`: the
+        structured-output masks of the constrained rows (`SamplingTensors.allowed`).
         """
         B, V = len(params), vocab_size
 
@@ -111,14 +115,17 @@ class SamplingTensors:
         top_k = [V if p.top_k <= 0 or p.top_k >= V else p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
+        sampled = not all(greedy)
         st = cls(
             temperature=tensor(
                 [1.0 if g else t for g, t in zip(greedy, temps, strict=True)], torch.float32
-            ),
-            greedy=tensor(greedy, torch.bool),
-            top_p=tensor(top_p, torch.float32),
-            top_k=tensor(top_k, torch.int64),
-            min_p=tensor(min_p, torch.float32),
+            )
+            if sampled
+            else None,
+            greedy=tensor(greedy, torch.bool) if sampled else None,
+            top_p=tensor(top_p, torch.float32) if sampled else None,
+            top_k=tensor(top_k, torch.int64) if sampled else None,
+            min_p=tensor(min_p, torch.float32) if sampled else None,
             generators=list(generators) if generators is not None else [None] * B,
             greedy_rows=greedy,
             num_logprobs=[-1 if p.logprobs is None else p.logprobs for p in params],
@@ -137,12 +144,17 @@ class SamplingTensors:
         do_rep = any(r != 1.0 for r in rep)
         do_freq = any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres)
         if do_rep or do_freq:
-            if output_ids is None or (do_rep and prompt_ids is None):
+            if token_counts is None and (output_ids is None or (do_rep and prompt_ids is None)):
                 raise ValueError("penalties need the rows' prompt_ids and output_ids")
-            st.output_counts = _token_counts(output_ids, V, device)
+            if token_counts is not None:
+                st.output_counts, prompt_mask = token_counts
+            else:
+                st.output_counts = _token_counts(output_ids, V, device)
             if do_rep:
                 st.repetition_penalty = tensor(rep, torch.float32)
-                st.prompt_mask = _token_counts(prompt_ids, V, device) > 0
+                if token_counts is None:
+                    prompt_mask = _token_counts(prompt_ids, V, device) > 0
+                st.prompt_mask = prompt_mask
             if do_freq:
                 st.frequency_penalty = tensor(freq, torch.float32)
                 st.presence_penalty = tensor(pres, torch.float32)

@@ -9,32 +9,47 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
-from nucleus.engine.runner import ModelRunner, auto_num_blocks
-from nucleus.engine.scheduler import Scheduler
+from nucleus.engine.runner import ModelRunner, StepHandle, auto_num_blocks
+from nucleus.engine.scheduler import ScheduledBatch, Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
 from nucleus.engine.structured import StructuredOutputs
 from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
 
+# Defaults per device type (docs/scheduling.md says how they were chosen): a GPU step costs about
+# the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
+# sequences and large prefill chunks; a CPU step costs in proportion to its tokens.
+DEVICE_DEFAULTS = {
+    "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "admit_max_wait": 32},
+    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "admit_max_wait": 0},
+}
+
 
 @dataclass
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from free memory
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None  # None: DEVICE_DEFAULTS for the model's device
+    max_num_batched_tokens: int | None = None  # None: likewise
+    # Admission in groups of max_num_seqs // 8 (or after admit_max_wait steps held back) while
+    # sequences decode: None: DEVICE_DEFAULTS (CUDA 32 steps; CPU 0: admit whenever there is room).
+    admit_max_wait: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
     memory_fraction: float | None = None
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    attention_backend: str = "auto"  # or one of nucleus.attention.BACKENDS
+    # Launch the next decode step before the host has this one's tokens (CUDA graphs only).
+    async_scheduling: bool = True
 
 
 @dataclass
@@ -47,19 +62,36 @@ class _Request:
     detoks: list[IncrementalDetokenizer]
     texts: list[str]
     metrics: RequestMetrics
+    # Streamed requests report every step; the others (`LLM`) only their final output, and
+    # without stop strings their text is decoded once, when each sequence ends.
+    stream: bool = True
     reported_finished: bool = False
     pending: bool = field(default=False)  # has news not yet returned by step()
+
+    @property
+    def text_per_token(self) -> bool:
+        return self.stream or bool(self.params.stop_strings)
 
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Any, config: EngineConfig | None = None):
-        self.config = config = config or EngineConfig()
+        config = config or EngineConfig()
+        device = model.tok_embeddings.weight.device
+        defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+        self.config = config = replace(
+            config,
+            max_num_seqs=config.max_num_seqs or defaults["max_num_seqs"],
+            max_num_batched_tokens=config.max_num_batched_tokens
+            or defaults["max_num_batched_tokens"],
+            admit_max_wait=defaults["admit_max_wait"]
+            if config.admit_max_wait is None
+            else config.admit_max_wait,
+        )
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
         limit = mc.max_position_embeddings or config.max_model_len or 8192
         self.max_model_len = min(config.max_model_len or limit, limit)
-        device = model.tok_embeddings.weight.device
         kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
         num_blocks = config.num_kv_blocks or auto_num_blocks(
             model,
@@ -80,6 +112,8 @@ class LLMEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
             stop_token_ids=self.stop_token_ids,
+            admit_group=config.max_num_seqs // 8 if config.admit_max_wait else 1,
+            admit_max_wait=config.admit_max_wait,
         )
         self.runner = ModelRunner(
             model,
@@ -87,6 +121,10 @@ class LLMEngine:
             block_size=config.block_size,
             kv_dtype=kv_dtype,
             stop_token_ids=self.stop_token_ids,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            attention_backend=config.attention_backend,
         )
         self._special_ids = (
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
@@ -94,6 +132,7 @@ class LLMEngine:
         )
         self.structured = StructuredOutputs(tokenizer, model.config.vocab_size)
         self.requests: dict[str, _Request] = {}
+        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
@@ -105,7 +144,9 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> None:
+        """Queue a request. `stream=False`: `step` reports it once, when it has finished."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -139,7 +180,15 @@ class LLMEngine:
             for _ in seqs
         ]
         self.requests[request_id] = _Request(
-            request_id, text, ids, params, seqs, detoks, [""] * len(seqs), RequestMetrics(now)
+            request_id,
+            text,
+            ids,
+            params,
+            seqs,
+            detoks,
+            [""] * len(seqs),
+            RequestMetrics(now),
+            stream=stream,
         )
         for seq in seqs:
             self.scheduler.add(seq)
@@ -150,15 +199,17 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None:
             return
-        self.scheduler.abort(s for s in req.seqs if not s.is_finished)
-        for i in range(len(req.seqs)):
-            req.texts[i] += req.detoks[i].flush()
+        unfinished = [s for s in req.seqs if not s.is_finished]
+        self.scheduler.abort(unfinished)
+        for seq in unfinished:
+            self._end_text(req, seq)
         req.pending = True
 
     def fail_unfinished(self, message: str, *, waiting_too: bool = False) -> list[RequestOutput]:
         """After a step raised: end the requests with a running sequence (all unfinished ones with
         `waiting_too`, or when none was running) with finish_reason "error" and `message`; their
         blocks go back. Returns their final outputs. Waiting requests otherwise stay queued."""
+        self._ahead = None  # a step launched ahead holds only running sequences: ended below
         running = {s.request_id for s in self.scheduler.running}
         if waiting_too or not running:
             running |= {s.request_id for s in self.scheduler.waiting}
@@ -168,16 +219,16 @@ class LLMEngine:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            for i, seq in enumerate(req.seqs):
+            for seq in req.seqs:
                 if not seq.is_finished:
                     seq.error = message
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
                     with contextlib.suppress(Exception):  # else the text so far stands
-                        req.texts[i] += req.detoks[i].flush()
+                        self._end_text(req, seq)
             req.pending = False
             out = self._output(req)
             req.reported_finished = True
-            del self.requests[rid]
+            self._forget(req)
             outputs.append(out)
         return outputs
 
@@ -186,26 +237,33 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of the requests that changed."""
-        batch = self.scheduler.schedule()
-        if not batch.is_empty:
+        """Run one scheduler step; returns the outputs of the requests that changed.
+
+        With `async_scheduling`, while a decode step runs on the device the next one is already
+        scheduled and launched (`Scheduler.schedule_ahead`), its input tokens read on the device:
+        the device never waits for the host's bookkeeping. The next call processes it.
+        """
+        if self._ahead is not None:
+            batch, handle = self._ahead
+            self._ahead = None
+        else:
+            batch = self.scheduler.schedule()
+            handle = None if batch.is_empty else self._launch(batch)
+        if handle is not None and self.config.async_scheduling:
+            self._launch_ahead(batch, handle)
+        if handle is not None:
             now = time.monotonic()
-            masks = self.structured.begin(
-                [batch.seqs[i].grammar for i in batch.sample_indices], self.runner.device
-            )
-            try:
-                result = self.runner.execute(batch, masks)
-            finally:
-                if masks is not None:
-                    masks.finish()  # the matchers are the engine's again
+            result = handle.result()
             for i, seq in enumerate(batch.seqs):
+                if seq.is_finished:
+                    continue  # ended after this step was launched ahead: its row is void
                 req = self.requests[seq.request_id]
                 if req.metrics.first_scheduled_time is None:
                     req.metrics.first_scheduled_time = now
                 if result.errors[i] is not None:
                     seq.error = result.errors[i]
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
-                    req.texts[seq.index] += req.detoks[seq.index].flush()
+                    self._end_text(req, seq)
                     req.pending = True
             row_of = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
             for seq in self.scheduler.postprocess(batch, result.token_ids):
@@ -214,13 +272,37 @@ class LLMEngine:
         for req in list(self.requests.values()):
             if not req.pending:
                 continue
+            finished = all(s.is_finished for s in req.seqs)
+            if not (req.stream or finished):
+                continue
             req.pending = False
-            out = self._output(req)
-            outputs.append(out)
-            if out.finished:
+            outputs.append(self._output(req))
+            if finished:
                 req.reported_finished = True
-                del self.requests[req.request_id]
+                self._forget(req)
         return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Launch a step, its constrained rows' masks computed meanwhile in the worker thread."""
+        masks = self.structured.begin(
+            [batch.seqs[i].grammar for i in batch.sample_indices], self.runner.device
+        )
+        try:
+            return self.runner.launch(batch, masks=masks)
+        finally:
+            if masks is not None:
+                masks.finish()  # the matchers are the engine's again
+
+    def _launch_ahead(self, batch: ScheduledBatch, handle: StepHandle) -> None:
+        if not self.runner.can_feed_tokens_on_device or not handle.rows:
+            return
+        if len(handle.rows) != len(batch) or any(n != 1 for n in batch.num_tokens):
+            return  # not a decode step
+        if any(seq.grammar is not None for seq in batch.seqs):
+            return  # a constrained row's next mask needs the token this step samples
+        ahead = self.scheduler.schedule_ahead(batch)
+        if ahead is not None:
+            self._ahead = (ahead, self.runner.launch(ahead, after=handle))
 
     def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
         req = self.requests[seq.request_id]
@@ -239,7 +321,8 @@ class LLMEngine:
                 seq.error = error
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
             grammar_complete = seq.grammar.is_stopped()  # nothing may follow this token
-        if not ended_by_token and seq.status is not SequenceStatus.FINISHED_ERROR:
+        failed = seq.status is SequenceStatus.FINISHED_ERROR
+        if not ended_by_token and not failed and req.text_per_token:
             check = seq.num_output_tokens >= seq.params.min_tokens
             req.texts[i] += detok.add([token], check_stop=check)
             if detok.stopped and not seq.is_finished:
@@ -248,8 +331,25 @@ class LLMEngine:
         if grammar_complete and not seq.is_finished:
             self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if seq.is_finished:
-            req.texts[i] += detok.flush()
+            self._end_text(req, seq)
         req.pending = True
+
+    def _forget(self, req: _Request) -> None:
+        """A request reported finished: nothing of it stays in the engine or the runner."""
+        del self.requests[req.request_id]
+        for seq in req.seqs:
+            self.runner.release(seq)
+
+    def _end_text(self, req: _Request, seq: Sequence) -> None:
+        """A sequence ended: its text gets what its detokenizer holds back, and, where the text
+        was not built token by token, all its output tokens first (but a stop token)."""
+        i, detok = seq.index, req.detoks[seq.index]
+        if not req.text_per_token:
+            ids = seq.output_token_ids
+            if seq.status is SequenceStatus.FINISHED_STOPPED and isinstance(seq.stop_reason, int):
+                ids = ids[:-1]
+            req.texts[i] += detok.add(ids)
+        req.texts[i] += detok.flush()
 
     def _output(self, req: _Request) -> RequestOutput:
         completions = []
@@ -293,7 +393,7 @@ class LLMEngine:
             params = [params or SamplingParams()] * len(prompts)
         ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            self.add_request(rid, prompt, p)
+            self.add_request(rid, prompt, p, stream=False)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():

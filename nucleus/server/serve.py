@@ -84,6 +84,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="most sequences the engine runs in one batch (default: the engine's)",
     )
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly: no CUDA graphs (slower; for debugging)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -101,6 +106,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
+    if getattr(args, "enforce_eager", False):
+        kwargs["enforce_eager"] = True
     return AsyncLLM(
         getattr(args, "model", None),
         device=getattr(args, "device", None),
