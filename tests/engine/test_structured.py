@@ -295,3 +295,46 @@ def test_a_constraint_that_does_not_compile_fails_its_request_alone(model, token
     assert "invalid regular expression" in bad_out.outputs[0].error
     assert good_out.outputs[0].finish_reason in ("stop", "length")
     assert re.fullmatch("x+", good_out.outputs[0].text)
+
+
+def test_no_step_is_launched_ahead_for_a_constrained_row(tokenizer, monkeypatch):
+    """Async scheduling launches the next decode step before this one's tokens reach the host;
+    a constrained row's next mask needs that token, so its batches are never launched ahead, and
+    the outputs equal the synchronous loop's (the unconstrained row's launched-ahead steps
+    included)."""
+    from nucleus.kernels.triton import triton_usable
+    from nucleus.ops.triton_ops import TritonOps
+
+    if not triton_usable("cpu"):
+        pytest.skip("Triton is not installed")
+    requests = [
+        ("Hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+        (
+            "Hi",
+            SamplingParams(
+                temperature=0, max_tokens=12, structured_outputs=Constraint(regex="[a-z]{4,8}")
+            ),
+        ),
+    ]
+    runs = {}
+    for overlap in (False, True):
+        fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.5, seed=0)
+        fresh.bind_kernels(ops=TritonOps(max_positions=64))
+        e = make_engine(
+            fresh, tokenizer, max_model_len=64, attention_backend="triton", async_scheduling=overlap
+        )
+        launches = []
+        launch = e.runner.launch
+
+        def spy(batch, after=None, masks=None, launch=launch, launches=launches):
+            launches.append((after is not None, any(s.grammar is not None for s in batch.seqs)))
+            return launch(batch, after, masks)
+
+        monkeypatch.setattr(e.runner, "launch", spy)
+        outs = e.generate([p for p, _ in requests], [sp for _, sp in requests])
+        runs[overlap] = [o.outputs[0].token_ids for o in outs]
+        assert re.fullmatch("[a-z]{4,8}", outs[1].outputs[0].text)
+        assert not any(ahead and constrained for ahead, constrained in launches)
+        if overlap:
+            assert any(ahead for ahead, _ in launches)  # the unconstrained row alone, later
+    assert runs[True] == runs[False]
