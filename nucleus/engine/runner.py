@@ -22,6 +22,7 @@ from nucleus.engine.graphs import DecodeStep
 from nucleus.engine.penalties import PenaltyCounts, has_penalties
 from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
+from nucleus.engine.structured import PendingMasks
 from nucleus.model import Transformer
 from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
 
@@ -62,6 +63,7 @@ class StepHandle:
     tokens: torch.Tensor | None = None
     host: list[torch.Tensor] = field(default_factory=list)
     event: torch.cuda.Event | None = None
+    blocked: set[int] = field(default_factory=set)  # sampling rows whose constraint allows nothing
 
     def result(self) -> StepResult:
         n = self.batch_size
@@ -75,6 +77,9 @@ class StepHandle:
         for j, i in enumerate(self.rows):
             if nonfinite[j]:
                 result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
+                continue
+            if j in self.blocked:
+                result.errors[i] = "the output constraint allows no token here"
                 continue
             result.token_ids[i] = tokens[j]
             n_top = self.num_logprobs[j]
@@ -276,11 +281,18 @@ class ModelRunner:
         return self.decode_step is not None
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, after: StepHandle | None = None) -> StepHandle:
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        after: StepHandle | None = None,
+        masks: PendingMasks | None = None,
+    ) -> StepHandle:
         """Queue the step on the device and the copy of its results to the host, without waiting
         for either: `StepHandle.result()` waits. `after`: a decode step launched just before,
-        whose sampled tokens feed this one (see `_logits`)."""
-        rows = [i for i, need in enumerate(batch.needs_sample) if need]
+        whose sampled tokens feed this one (see `_logits`). `masks`: the structured-output masks
+        of the constrained rows among the sampled ones (`StructuredOutputs.begin`), awaited only
+        once the logits are queued."""
+        rows = batch.sample_indices
         logits = self._logits(batch, rows, after)
         if not rows:
             return StepHandle(len(batch), [], [], [])
@@ -296,6 +308,7 @@ class ModelRunner:
             generators=[self._generator(s) for s in seqs],
             banned_ids=[self._banned(s, pending) for s in seqs],
             token_counts=counts[1:3] if counts else None,
+            allowed=masks.wait(self.device) if masks is not None else None,
         )
         out = self.sampler(logits, st)
         if counts is not None:  # the new tokens join their sequences' counts, on the device
@@ -313,11 +326,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return StepHandle(len(batch), rows, seqs, st.num_logprobs, out.token_ids, host, event)
+        blocked = masks.blocked if masks is not None else set()
+        return StepHandle(
+            len(batch), rows, seqs, st.num_logprobs, out.token_ids, host, event, blocked
+        )
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, masks: PendingMasks | None = None) -> StepResult:
         """Run one step and wait for its results."""
-        return self.launch(batch).result()
+        return self.launch(batch, masks=masks).result()
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Fill `seq.prompt_logprobs` (first entry None) for the prompt positions of this chunk."""
