@@ -80,11 +80,11 @@ def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(model, monke
     launch = llm.engine.runner.launch
     calls = {"n": 0}
 
-    def flaky(batch, after=None):
+    def flaky(batch, after=None, masks=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
-        return launch(batch, after)
+        return launch(batch, after, masks)
 
     monkeypatch.setattr(llm.engine.runner, "launch", flaky)
 

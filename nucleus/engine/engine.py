@@ -19,6 +19,7 @@ from nucleus.engine.detokenizer import IncrementalDetokenizer
 from nucleus.engine.runner import ModelRunner, StepHandle, auto_num_blocks
 from nucleus.engine.scheduler import ScheduledBatch, Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
+from nucleus.engine.structured import StructuredOutputs
 from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
@@ -142,6 +143,7 @@ class LLMEngine:
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
             | self.stop_token_ids
         )
+        self.structured = StructuredOutputs(tokenizer, model.config.vocab_size)
         self.requests: dict[str, _Request] = {}
         self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
         self.num_generated_tokens = 0
@@ -176,10 +178,15 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
                 "and one is needed for the output"
             )
+        grammars = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.structured.matchers(params.structured_outputs, params.n)
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
             Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)
         ]
+        for seq, grammar in zip(seqs, grammars, strict=True):
+            seq.grammar = grammar
         skip = self._special_ids if params.skip_special_tokens else self.stop_token_ids
         detoks = [
             IncrementalDetokenizer(self.tokenizer, stop=params.stop_strings, skip_token_ids=skip)
@@ -254,7 +261,7 @@ class LLMEngine:
             self._ahead = None
         else:
             batch = self.scheduler.schedule()
-            handle = None if batch.is_empty else self.runner.launch(batch)
+            handle = None if batch.is_empty else self._launch(batch)
         if handle is not None and self.config.async_scheduling:
             self._launch_ahead(batch, handle)
         if handle is not None:
@@ -288,11 +295,24 @@ class LLMEngine:
                 self._forget(req)
         return outputs
 
+    def _launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Launch a step, its constrained rows' masks computed meanwhile in the worker thread."""
+        masks = self.structured.begin(
+            [batch.seqs[i].grammar for i in batch.sample_indices], self.runner.device
+        )
+        try:
+            return self.runner.launch(batch, masks=masks)
+        finally:
+            if masks is not None:
+                masks.finish()  # the matchers are the engine's again
+
     def _launch_ahead(self, batch: ScheduledBatch, handle: StepHandle) -> None:
         if not self.runner.can_feed_tokens_on_device or not handle.rows:
             return
         if len(handle.rows) != len(batch) or any(n != 1 for n in batch.num_tokens):
             return  # not a decode step
+        if any(seq.grammar is not None for seq in batch.seqs):
+            return  # a constrained row's next mask needs the token this step samples
         ahead = self.scheduler.schedule_ahead(batch)
         if ahead is not None:
             self._ahead = (ahead, self.runner.launch(ahead, after=handle))
@@ -307,12 +327,22 @@ class LLMEngine:
         i, token = seq.index, seq.last_token_id
         detok = req.detoks[i]
         ended_by_token = seq.status is SequenceStatus.FINISHED_STOPPED
-        if not ended_by_token and req.text_per_token:
+        grammar_complete = False
+        if seq.grammar is not None and not seq.is_finished:
+            error = self.structured.accept(seq.grammar, token)
+            if error is not None:
+                seq.error = error
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            grammar_complete = seq.grammar.is_stopped()  # nothing may follow this token
+        failed = seq.status is SequenceStatus.FINISHED_ERROR
+        if not ended_by_token and not failed and req.text_per_token:
             check = seq.num_output_tokens >= seq.params.min_tokens
             req.texts[i] += detok.add([token], check_stop=check)
             if detok.stopped and not seq.is_finished:
                 seq.stop_reason = detok.stop_reason
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if grammar_complete and not seq.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if seq.is_finished:
             self._end_text(req, seq)
         req.pending = True

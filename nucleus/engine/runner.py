@@ -29,6 +29,7 @@ from nucleus.engine.graphs import DecodeStep
 from nucleus.engine.penalties import PenaltyCounts, has_penalties
 from nucleus.engine.scheduler import ScheduledBatch
 from nucleus.engine.sequence import Sequence
+from nucleus.engine.structured import PendingMasks
 from nucleus.model import Transformer
 from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
 
@@ -72,6 +73,7 @@ class StepHandle:
     tokens: torch.Tensor | None = None
     host: list[torch.Tensor] = field(default_factory=list)
     event: torch.cuda.Event | None = None
+    blocked: set[int] = field(default_factory=set)  # sampling rows whose constraint allows nothing
     workers: WorkerGroup | None = None  # the wait is on every rank of a tensor-parallel group
 
     def result(self) -> StepResult:
@@ -87,6 +89,9 @@ class StepHandle:
         for j, i in enumerate(self.rows):
             if nonfinite[j]:
                 result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
+                continue
+            if j in self.blocked:
+                result.errors[i] = "the output constraint allows no token here"
                 continue
             result.token_ids[i] = tokens[j]
             n_top = self.num_logprobs[j]
@@ -366,12 +371,19 @@ class ModelRunner:
         return self.decode_step is not None
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, after: StepHandle | None = None) -> StepHandle:
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        after: StepHandle | None = None,
+        masks: PendingMasks | None = None,
+    ) -> StepHandle:
         """Queue the step on the device and the copy of its results to the host, without waiting
         for either: `StepHandle.result()` waits. `after`: a decode step launched just before,
-        whose sampled tokens feed this one (see `plan`). Under tensor parallelism every rank runs
-        the model's part; a failure on any rank ends the group."""
-        rows = [i for i, need in enumerate(batch.needs_sample) if need]
+        whose sampled tokens feed this one (see `plan`). `masks`: the structured-output masks of
+        the constrained rows among the sampled ones (`StructuredOutputs.begin`), awaited only once
+        the logits are queued. Under tensor parallelism every rank runs the model's part; a
+        failure on any rank ends the group."""
+        rows = batch.sample_indices
         step, prompt = self.plan(batch, rows, after)
         if self.workers is not None:
             self.workers.send(step)
@@ -382,7 +394,7 @@ class ModelRunner:
                 self._record_prompt_logprobs(prompt, logits[:n_prompt])
             if not rows:
                 return StepHandle(len(batch), [], [], [])
-            return self._sample(batch, rows, logits[n_prompt:], after)
+            return self._sample(batch, rows, logits[n_prompt:], after, masks)
 
     def _sample(
         self,
@@ -390,6 +402,7 @@ class ModelRunner:
         rows: list[int],
         logits: torch.Tensor,
         after: StepHandle | None,
+        masks: PendingMasks | None,
     ) -> StepHandle:
         """Sample the `rows` of the batch from their `logits`, queue the copy to the host."""
         seqs = [batch.seqs[i] for i in rows]
@@ -404,6 +417,7 @@ class ModelRunner:
             generators=[self._generator(s) for s in seqs],
             banned_ids=[self._banned(s, pending) for s in seqs],
             token_counts=counts[1:3] if counts else None,
+            allowed=masks.wait(self.device) if masks is not None else None,
         )
         out = self.sampler(logits, st)
         if counts is not None:  # the new tokens join their sequences' counts, on the device
@@ -421,13 +435,15 @@ class ModelRunner:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
+        blocked = masks.blocked if masks is not None else set()
         return StepHandle(
-            len(batch), rows, seqs, st.num_logprobs, out.token_ids, host, event, self.workers
-        )
+            len(batch), rows, seqs, st.num_logprobs, out.token_ids, host, event, blocked,
+            self.workers,
+        )  # fmt: skip
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, masks: PendingMasks | None = None) -> StepResult:
         """Run one step and wait for its results."""
-        return self.launch(batch).result()
+        return self.launch(batch, masks=masks).result()
 
     def _prompt_rows(self, batch: ScheduledBatch, offsets: list[int]) -> list[_PromptRows]:
         """The prompt positions of this step whose logprobs are asked and not yet recorded."""

@@ -48,6 +48,11 @@ class ScheduledBatch:
         return not self.seqs
 
     @property
+    def sample_indices(self) -> list[int]:
+        """The rows that sample a token this step, in order (the sampler's rows)."""
+        return [i for i, need in enumerate(self.needs_sample) if need]
+
+    @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 

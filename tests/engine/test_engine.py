@@ -171,8 +171,8 @@ def test_async_scheduling_gives_the_outputs_of_the_synchronous_loop(monkeypatch)
         monkeypatch.setattr(
             e.runner,
             "launch",
-            lambda b, after=None, ahead=ahead, launch=launch: (
-                ahead.append(after) or launch(b, after)
+            lambda b, after=None, masks=None, ahead=ahead, launch=launch: (
+                ahead.append(after) or launch(b, after, masks)
             ),
         )
         for i, (prompt, params) in enumerate(requests):
