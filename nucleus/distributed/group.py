@@ -51,8 +51,9 @@ class TensorParallelError(RuntimeError):
 class TensorParallel:
     """Rank `rank` of `world_size`, running its shard of the model on `device`.
 
-    The sharded layers call `all_reduce` and `all_gather`; both are identities with one rank.
-    `join` connects the ranks (torch.distributed's default group) before the first collective.
+    The sharded layers call `all_reduce` and `all_gather`, the model runner `broadcast`; all are
+    identities with one rank. `join` connects the ranks (torch.distributed's default group)
+    before the first collective.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
@@ -124,8 +125,10 @@ class TensorParallel:
     def leave(self) -> None:
         """Leave the group (destroying it if `join` created it); safe to call twice."""
         self.one_shot = None
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._owns_group:
+            atexit.unregister(self.leave)
+            if dist.is_initialized():
+                dist.destroy_process_group()
         self._owns_group = False
         self.group = None
 

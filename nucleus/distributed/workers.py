@@ -10,15 +10,16 @@ plain inputs go through the pipes; tensors move through torch.distributed's coll
 When something fails, the whole group ends with a clear error and no rank is left waiting:
 - a worker that fails to build its shard reports it; the driver ends the others and raises it;
 - a worker that fails later (joining, building its runner, in a step) reports it and exits; a
-  worker that dies is seen by its process sentinel. A monitor thread in the driver watches both: it ends the other workers and aborts the
-  process group, so that the driver's pending collective fails instead of waiting (gloo fails as
-  soon as its peer's socket closes; NCCL is aborted). The driver's step then raises
-  `TensorParallelError`, and every later one too;
+  worker that dies is seen by its process sentinel. A monitor thread in the driver watches both:
+  it ends the other workers and aborts the process group, so that the driver's pending
+  collective fails instead of waiting (gloo fails as soon as its peer's socket closes; NCCL is
+  aborted). The driver's step then raises `TensorParallelError`, and every later one too;
 - a step that fails in the driver ends the group as well (the workers may be inside a collective
   the driver will not join);
 - a GPU spinning in a kernel that waits for a dead peer cannot be freed from inside the process:
-  if the driver is still in its step after `STUCK_STEP_GRACE_S`, the monitor ends the driver's
-  process, with the error on stderr (torchrun treats a group it launched the same way);
+  if the driver is still in its step (or waiting for its results) `STUCK_STEP_GRACE_S` after the
+  group ended, the monitor ends the driver's process, with the error on stderr (torchrun treats
+  a group it launched the same way);
 - a worker ends itself when the driver's process ends.
 """
 
