@@ -29,6 +29,7 @@ import random
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -235,6 +236,8 @@ def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
+    overlap = engine.config  # no step launched ahead: exactly `steps` steps inside the window
+    engine.config = replace(overlap, async_scheduling=False)
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
     engine.add_request("profile", prompt, params, stream=False)
     engine.step()  # the prefill
@@ -243,6 +246,7 @@ def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
             engine.step()
     while engine.has_unfinished():
         engine.step()
+    engine.config = overlap
     rows = []
     for evt in prof.key_averages():
         cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)

@@ -17,6 +17,7 @@ Run: `python bench/gpu.py --tp 2 --out DIR` (`--parts` picks some of allreduce,c
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import gc
 import json
@@ -73,6 +74,7 @@ def all_reduce_rank(rank: int, world: int, port: int, out: str) -> None:
     and one of 50 one-shot ones, replayed; us per all-reduce. Also checks the one-shot sum."""
     import torch.distributed as dist
 
+    faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where (the part's limit: 120)
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, wait_for_workers=False)
     tp = TensorParallel(rank, world, torch.device("cuda", rank))
     tp.join(store)
@@ -181,7 +183,8 @@ def run_child(cfg: dict, timeout: float) -> dict:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-3000:]
+        out = e.stdout or b""
+        tail = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-3000:]
         print(f"{cfg}: timed out after {timeout:.0f} s\n{tail}", flush=True)
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = proc.stdout.splitlines()
@@ -194,6 +197,10 @@ def run_child(cfg: dict, timeout: float) -> dict:
 
 def child_main(cfg: dict) -> None:
     from nucleus.assets import asset_path
+
+    # A part that hangs prints every thread's stack shortly before its limit (run_child's timeout).
+    faulthandler.dump_traceback_later(cfg["timeout"] - 10, exit=True)
+    os.environ["NUCLEUS_DUMP_STACKS_AFTER"] = str(cfg["timeout"] - 15)  # the workers' stacks too
 
     tokenizer = Tokenizer(cfg.get("tokenizer") or asset_path("llama3-tokenizer"))
     kind = cfg["kind"]
@@ -242,7 +249,7 @@ def tp_main(args: argparse.Namespace) -> None:
                      480))  # fmt: skip
     for name, cfg, timeout in plan:
         print(f"--- {name}", flush=True)
-        results[name] = run_child(common | cfg, timeout)
+        results[name] = run_child(common | cfg | {"timeout": timeout}, timeout)
         out.write_text(json.dumps(results, indent=2))
     print_tp_table(results, world)
 

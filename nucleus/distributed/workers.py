@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
@@ -275,6 +276,8 @@ def _worker_main(
     from nucleus.engine.runner import ModelRunner
 
     threading.Thread(target=_exit_with_parent, name="nucleus-tp-parent", daemon=True).start()
+    if os.environ.get("NUCLEUS_DUMP_STACKS_AFTER"):  # diagnosing a hang: where each rank waits
+        faulthandler.dump_traceback_later(float(os.environ["NUCLEUS_DUMP_STACKS_AFTER"]))
     tp = TensorParallel(rank, world_size, device)
     try:
         if device.type == "cuda":
