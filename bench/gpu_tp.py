@@ -80,6 +80,7 @@ def all_reduce_rank(rank: int, world: int, port: int, out: str) -> None:
     tp.join(store)
     rows = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graphs = []  # freed before the group is left: NCCL cannot destroy a comm a live graph uses
     for nbytes in ALL_REDUCE_BYTES:
         x = torch.full((nbytes // 2,), 1e-3, dtype=torch.bfloat16, device=tp.device)
         ops = {"nccl": lambda x=x: dist.all_reduce(x)}
@@ -93,6 +94,7 @@ def all_reduce_rank(rank: int, world: int, port: int, out: str) -> None:
             with torch.cuda.graph(graph):
                 for _ in range(ALL_REDUCES_PER_GRAPH):
                     op()
+            graphs.append(graph)
             graph.replay()
             start.record()
             for _ in range(5):
@@ -109,6 +111,9 @@ def all_reduce_rank(rank: int, world: int, port: int, out: str) -> None:
         check["max_abs_diff_vs_nccl"] = (summed - a).abs().max().item()
     if rank == 0:
         Path(out).write_text(json.dumps({"rows": rows, **check}))
+    torch.cuda.synchronize()
+    for graph in graphs:
+        graph.reset()
     tp.leave()
 
 

@@ -101,6 +101,8 @@ class WorkerGroup:
         self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # Called before the driver leaves the group (the runner frees its CUDA graphs there).
+        self.before_leave: list[Callable[[], None]] = []
         atexit.register(self.close)
 
     @classmethod
@@ -242,6 +244,9 @@ class WorkerGroup:
         self._stop_signal.send(None)
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join()
+        if self.failure is None:  # every rank frees its graphs before any leaves
+            for release in self.before_leave:
+                release()
         with contextlib.suppress(OSError):
             for pipe in self.pipes:
                 pipe.send_bytes(pickle.dumps(("exit", None)))
@@ -311,4 +316,6 @@ def _worker_main(
         with contextlib.suppress(OSError):
             pipe.send_bytes(pickle.dumps(("failed", f"while running: {type(e).__name__}: {e}")))
         os._exit(1)
+    if runner is not None:
+        runner.close()
     tp.leave()

@@ -87,6 +87,17 @@ class DecodeStep:
         self._host_buf = self._staging[self._turn]
         self._host = self._host_buf.numpy()
 
+    def close(self) -> None:
+        """Free the captured graphs. A tensor-parallel rank must do this before it leaves its
+        group: NCCL cannot destroy a communicator that a live graph still launches
+        (pytorch/pytorch#115388; `docs/tensor-parallel.md`)."""
+        if self.graphs:
+            torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+
     def bucket(self, batch_size: int) -> int:
         return next(b for b in self.buckets if b >= batch_size)
 

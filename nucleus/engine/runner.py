@@ -222,6 +222,7 @@ class ModelRunner:
         self.stop_token_ids = frozenset(stop_token_ids)
         max_model_len = max_model_len or num_kv_blocks * block_size
         if workers is not None:  # their runners allocate and capture in lockstep with this one
+            workers.before_leave.append(self.close)
             workers.start_runners(
                 num_kv_blocks=num_kv_blocks,
                 block_size=block_size,
@@ -270,6 +271,12 @@ class ModelRunner:
         full_counts = counts.new_zeros(len(seqs), vocab).index_copy_(0, index, counts)
         full_masks = masks.new_zeros(len(seqs), vocab).index_copy_(0, index, masks)
         return rows, full_counts, full_masks, index
+
+    def close(self) -> None:
+        """Free the decode graphs (before a tensor-parallel group is left); the runner can still
+        run steps after, eagerly."""
+        if self.decode_step is not None:
+            self.decode_step.close()
 
     def release(self, seq: Sequence) -> None:
         """A sequence ended: drop what the runner kept for it (its penalty counts)."""
