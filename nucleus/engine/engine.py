@@ -8,12 +8,14 @@ thin loops over `add_request` / `step` / `abort`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from nucleus.config import ModelConfig
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
 from nucleus.engine.runner import ModelRunner, auto_num_blocks
@@ -23,13 +25,32 @@ from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
 
+# The step budget when none is given: a step of this many prompt tokens takes about 0.4 s on two
+# CPU cores with the default model (docs/scheduling.md), a few milliseconds on a GPU.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 256}
+
+
+def context_cost_tokens(config: ModelConfig) -> int:
+    """The context length at which a token's attention takes as many FLOPs as its matrix products
+    (about 3,000 for SmolLM2-135M, 27,000 for Llama-3-8B): how the scheduler prices long prompts.
+
+    Per layer and token: the projections and the SwiGLU take 2 x (their weights) FLOPs; attending
+    over one position takes 4 x n_heads x head_dim (scores and the weighted sum)."""
+    c = config
+    q_width, kv_width = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    weights = c.dim * (2 * q_width + 2 * kv_width) + 3 * c.dim * c.ffn_hidden_dim
+    return max(1, round(2 * weights / (4 * q_width)))
+
 
 @dataclass
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from free memory
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS
+    # A prompt token attending over c positions costs 1 + c / context_cost_tokens of the step's
+    # budget. None: from the model's shapes (`context_cost_tokens`); 0: attention is free.
+    context_cost_tokens: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
@@ -73,12 +94,17 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
+        budget = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(
+            device.type, DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"]
+        )
+        cost = config.context_cost_tokens
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            max_num_batched_tokens=max(budget, 1),
             max_model_len=self.max_model_len,
             stop_token_ids=self.stop_token_ids,
+            context_cost_tokens=context_cost_tokens(mc) if cost is None else (cost or None),
         )
         self.runner = ModelRunner(
             model,
@@ -103,13 +129,20 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         arrival_time: float | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> None:
+        """Queue a request. `prompt`: text (tokenized here, unless its `prompt_token_ids` are
+        given) or token ids."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
-            ids = self.tokenizer.encode_prompt(prompt)
+            if prompt_token_ids is None:
+                self.check_prompt_text(prompt)
+                ids = self.tokenizer.encode_prompt(prompt)
+            else:
+                ids = list(prompt_token_ids)
         else:
             text, ids = None, list(prompt)
         vocab = self.model.config.vocab_size
@@ -137,6 +170,23 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens += len(ids)
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int | None:
+        """The most characters a text prompt can have and still fit the context (one token stands
+        for at most `tokenizer.max_token_chars` characters; BOS aside, a longer text needs
+        `max_model_len` tokens or more). None when the tokenizer does not say."""
+        per_token = getattr(self.tokenizer, "max_token_chars", None)
+        return None if per_token is None else (self.max_model_len - 1) * per_token
+
+    def check_prompt_text(self, text: str) -> None:
+        """Raises ValueError for a text too long to fit the context, without tokenizing it."""
+        limit = self.max_prompt_chars
+        if limit is not None and len(text) > limit:
+            raise ValueError(
+                f"the prompt has {len(text)} characters: more than {self.max_model_len} tokens, "
+                f"the context (no text over {limit} characters can fit)"
+            )
 
     def abort(self, request_id: str) -> None:
         """End a request; the next `step` reports it with finish_reason "abort"."""
