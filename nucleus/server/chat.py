@@ -10,12 +10,19 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from nucleus.server.inputs import check_context, check_ids, check_model, sampling_params
+from nucleus.server.inputs import (
+    check_context,
+    check_ids,
+    check_model,
+    check_sequences,
+    check_text_length,
+    sampling_params,
+)
 from nucleus.server.protocol import APIError, ChatCompletionRequest, random_id
 from nucleus.server.responses import chat_logprobs, json_safe, usage
 from nucleus.server.run import Prompt, Run, collect, raise_if_error
 from nucleus.server.sse import SSEResponse, guarded_sse, sse
-from nucleus.server.state import ServerState, maybe_await
+from nucleus.server.state import ServerState
 
 __all__ = ["create_chat_completion"]
 
@@ -39,16 +46,6 @@ async def create_chat_completion(
     max_tokens, max_param = req.requested_max_tokens()
     if max_tokens == 0:
         raise APIError.bad_request(f"'{max_param}' must be at least 1.", param=max_param)
-    messages = []
-    for m in req.messages:
-        role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": m.text()})
-    try:
-        ids = list(await maybe_await(state.engine.encode_chat(messages)))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise APIError.bad_request(f"Invalid messages: {exc}", param="messages") from None
-    check_ids(state, ids, "messages")
-    check_context(state, len(ids), max_tokens, "messages", max_param)
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(
         state,
@@ -58,6 +55,19 @@ async def create_chat_completion(
         prompt_logprobs=None,
         rename={"max_tokens": max_param, "logprobs": "top_logprobs"},
     )
+    check_sequences(state, 1, params.n, "n")
+    messages = []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        messages.append({"role": role, "content": m.text()})
+    # The rendered prompt holds every message's text: a check before rendering and tokenizing.
+    check_text_length(state, sum(len(m["content"].strip()) for m in messages), "messages")
+    try:
+        ids = list(await state.off_loop(state.engine.encode_chat, messages))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise APIError.bad_request(f"Invalid messages: {exc}", param="messages") from None
+    check_ids(state, ids, "messages")
+    check_context(state, len(ids), max_tokens, "messages", max_param)
     rid = random_id("chatcmpl")
     created = int(time.time())
     run = Run(state, [Prompt(None, ids)], params, rid, arrival)
@@ -82,9 +92,12 @@ async def create_chat_completion(
         async def stream() -> AsyncIterator[str]:
             seen: dict[int, tuple[int, int]] = {}
             completion_tokens: dict[int, int] = {}
+            ended: set[int] = set()  # choices whose finishing chunk has gone out
             async for _, out in run.events():
                 raise_if_error(out)
                 for o in out.outputs:
+                    if o.index in ended:
+                        continue  # later outputs repeat the choices already finished
                     if o.index not in seen:
                         seen[o.index] = (0, 0)
                         yield chunk(
@@ -119,6 +132,7 @@ async def create_chat_completion(
                             ]
                         )
                     if o.finish_reason is not None:
+                        ended.add(o.index)
                         yield chunk(
                             [
                                 {

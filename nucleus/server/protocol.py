@@ -1,7 +1,7 @@
 """OpenAI's wire format: request and response models (pydantic), with OpenAI's field names.
 
 Requests are validated strictly (a boolean is not an integer, a string is not a number, NaN is
-not a float) and every failure becomes an `APIError` of status 400 naming the offending `param`,
+not a float, a lone surrogate is not text) and every failure becomes an `APIError` of status 400 naming the offending `param`,
 in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`. Fields OpenAI has and
 nucleus does not use are accepted and ignored; vLLM's extra sampling fields (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`) are
@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
     "APIError",
@@ -54,6 +54,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -61,6 +62,7 @@ class APIError(Exception):
         self.type = type or _DEFAULT_TYPES.get(status, "invalid_request_error")
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -84,8 +86,13 @@ class APIError(Exception):
         )
 
     @classmethod
-    def overloaded(cls, message: str):
-        return cls(503, message, code="server_overloaded")
+    def unavailable(cls, message: str, code: str, retry_after: int):
+        """503: try again later (`Retry-After` seconds), the request itself is fine."""
+        return cls(503, message, code=code, headers={"Retry-After": str(retry_after)})
+
+    @classmethod
+    def overloaded(cls, message: str, retry_after: int):
+        return cls.unavailable(message, "server_overloaded", retry_after)
 
 
 _DEFAULT_TYPES = {
@@ -94,6 +101,7 @@ _DEFAULT_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
@@ -128,7 +136,9 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """Turn pydantic's (or FastAPI's) validation errors into one 400 naming the first param."""
     if not errors:
         return APIError.bad_request("Invalid request body.")
-    first = errors[0]
+    # A validator's own message (a lone surrogate, ...) says more than the other members of a
+    # union ("Input should be a valid string"): it goes first.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     kind = first.get("type", "")
     loc = tuple(first.get("loc", ()))
     if kind == "json_invalid":
@@ -150,12 +160,24 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 
+
+def _unicode(text: str) -> str:
+    """JSON's escapes can spell lone surrogates (`"\\ud800"`), which are no text: refused here,
+    before a tokenizer or an error message that echoes the text chokes on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a lone surrogate (U+D800 to U+DFFF) is not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 StrictInt = Annotated[int, Field(strict=True)]
 Seed = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None
 
 
 class _Request(BaseModel):
@@ -171,7 +193,7 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields the two generation routes share."""
 
-    model: str | None = None
+    model: Text | None = None
     n: Annotated[int, Field(strict=True, ge=1, le=MAX_N)] | None = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Prob | None = None
@@ -179,10 +201,10 @@ class _SamplingFields(_Request):
     seed: Seed | None = None
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extras, sent through `extra_body`.
     top_k: Annotated[int, Field(strict=True, ge=-1)] | None = None
     min_p: Prob | None = None
@@ -200,8 +222,8 @@ class _SamplingFields(_Request):
 # /v1/completions
 
 PromptType = (
-    str
-    | Annotated[list[str], Field(min_length=1)]
+    Text
+    | Annotated[list[Text], Field(min_length=1)]
     | Annotated[list[StrictInt], Field(min_length=1)]
     | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
 )
@@ -213,7 +235,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = False
     best_of: Annotated[int, Field(strict=True, ge=1, le=MAX_N)] | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids."""
@@ -231,13 +253,13 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPartText(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPartText] | None = None
-    name: str | None = None
+    content: Text | list[ContentPartText] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -254,7 +276,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
