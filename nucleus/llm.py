@@ -127,8 +127,8 @@ class LLM:
         seed: seeds the default generator that unseeded sampled requests draw from.
         num_threads: CPU threads for torch (default: torch's own choice).
         **engine_options: `EngineConfig` fields: `block_size`, `num_kv_blocks`, `max_num_seqs`,
-            `max_num_batched_tokens`, `max_model_len`, `enable_prefix_caching`, `kv_dtype`,
-            `memory_fraction`.
+            `max_num_batched_tokens`, `context_cost_tokens` (docs/scheduling.md),
+            `max_model_len`, `enable_prefix_caching`, `kv_dtype`, `memory_fraction`.
     """
 
     def __init__(

@@ -124,6 +124,27 @@ def test_the_queue_bound_counts_sequences(model):
     llm.shutdown()
 
 
+def test_a_caller_with_a_large_n_cannot_starve_another(model):
+    """n=8 on 4 slots: the other 4 sequences wait for a slot, the newcomer does not (the
+    scheduler makes room for it, docs/scheduling.md). Under first-come-first-served it would wait
+    for 4 sequences of 60 tokens."""
+    config = EngineConfig(num_kv_blocks=64, block_size=4, max_num_seqs=4)
+    llm = AsyncLLM.from_engine(LLMEngine(model, ToyTokenizer(V), config))
+
+    async def main():
+        big = llm.generate([5, 6], SamplingParams(n=8, max_tokens=60, ignore_eos=True), "big")
+        await big.__anext__()
+        small = await collect(llm, [7, 8], greedy(2), "small")
+        progress = max(s.num_output_tokens for s in llm.engine.requests["big"].seqs)
+        await big.aclose()
+        return small, progress
+
+    small, progress = asyncio.run(main())
+    assert small[-1].outputs[0].finish_reason == "length"
+    assert progress < 30, progress
+    llm.shutdown()
+
+
 def test_text_prompts_are_tokenized_off_the_engine_thread_and_checked_first(model):
     llm = make(model)
 
