@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -39,21 +40,39 @@ from common import REPO, cpu_name, start_server, stop_server, update_docs_sectio
 BEGIN, END = "<!-- bench/fairness.py:begin -->", "<!-- bench/fairness.py:end -->"
 
 
-class _Health(threading.Thread):
-    """The slowest /health answer while it runs (polled every 20 ms)."""
+_POLL_HEALTH = """
+import sys, time, httpx
+with httpx.Client(timeout=600) as client:
+    while True:
+        start = time.monotonic()
+        try:
+            client.get(sys.argv[1])
+        except httpx.HTTPError:
+            pass
+        print(time.monotonic() - start, flush=True)
+        time.sleep(0.02)
+"""
+
+
+class _Health:
+    """The slowest /health answer while the block runs, polled every 20 ms from a process of its
+    own (this one is busy sending)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.worst, self.done = f"{url}/health", 0.0, threading.Event()
+        self.url, self.worst = f"{url}/health", 0.0
 
-    def run(self) -> None:
-        with httpx.Client(timeout=120) as client:
-            while not self.done.is_set():
-                start = time.monotonic()
-                with contextlib.suppress(httpx.HTTPError):
-                    client.get(self.url)
-                self.worst = max(self.worst, time.monotonic() - start)
-                time.sleep(0.02)
+    def __enter__(self) -> _Health:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _POLL_HEALTH, self.url], stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.1)
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=60)
+        self.worst = max((float(x) for x in out.split()), default=0.0)
 
 
 class _Stream(threading.Thread):
@@ -92,22 +111,18 @@ class _Stream(threading.Thread):
 
 
 def _refusal(url: str, content: bytes, cap: float) -> dict:
-    health = _Health(url)
-    health.start()
-    time.sleep(0.2)
-    start = time.monotonic()
-    try:
-        r = httpx.post(
-            f"{url}/v1/completions",
-            content=content,
-            headers={"content-type": "application/json"},
-            timeout=cap,
-        )
-        status, seconds = r.status_code, time.monotonic() - start
-    except httpx.HTTPError as e:
-        status, seconds = type(e).__name__, None
-    health.done.set()
-    health.join(cap)
+    with _Health(url) as health:
+        start = time.monotonic()
+        try:
+            r = httpx.post(
+                f"{url}/v1/completions",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=cap,
+            )
+            status, seconds = r.status_code, time.monotonic() - start
+        except httpx.HTTPError as e:
+            status, seconds = type(e).__name__, None
     return {"status": status, "seconds": seconds, "health_worst_s": health.worst}
 
 
@@ -247,6 +262,19 @@ def _update_docs(text_table: str, meta: dict) -> None:
     update_docs_section(BEGIN, END, section)
 
 
+def _commit(checkout: Path) -> str:
+    """The checkout's commit, with "+" when its tracked files differ from it."""
+    git = ["git", "-C", str(checkout)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode
+    except OSError:
+        return "?"
+    return head.stdout.strip() + ("+" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer", type=Path, help="also probe a server from this checkout")
@@ -256,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "fairness.json"))
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)
-    runs = {"this tree": run_probes(REPO, args.server_arg, args.cap, args.body_mb)}
+    runs = {
+        f"this tree ({_commit(REPO)})": run_probes(REPO, args.server_arg, args.cap, args.body_mb)
+    }
     if args.peer:
         peer = run_probes(args.peer.resolve(), args.server_arg, args.cap, args.body_mb)
-        runs[f"peer {args.peer}"] = peer
+        runs[f"peer {args.peer} ({_commit(args.peer)})"] = peer
     text_table = table(runs, args.cap, args.body_mb)
     print(text_table)
     meta = {

@@ -10,8 +10,8 @@ this order (docs/scheduling.md gives the policy, its reasons and its bounds):
    `n` cannot keep everyone else out.
 1. Decodes: every running sequence with one token left to compute, one budget unit each.
 2. First chunks of waiting sequences, round-robin over requests: the request holding the fewest
-   running sequences goes first (ties: the earlier arrival). A waiting sequence that does not fit
-   blocks those behind it.
+   running sequences goes first (ties: the earlier arrival). Only the step's first admission may
+   start a prompt in chunks; a later prompt that does not fit whole waits for the next step.
 3. Later chunks of prompts part-way through a chunked prefill, in admission order.
 
 So a new request's first chunk never waits behind the rest of someone else's long prompt. A
@@ -204,8 +204,11 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: float, scheduled: set[int]) -> float:
         """Step 2: first chunks of waiting sequences, round-robin over requests: the request
-        holding the fewest running sequences first, ties to the earlier in the queue. Stops at the
-        first sequence that does not fit. Returns the budget left."""
+        holding the fewest running sequences first, ties to the earlier in the queue. Only the
+        step's first admission may start a prompt in chunks; a later one whose prompt does not
+        fit whole waits for a step with room (it would otherwise wait behind older prompts' later
+        chunks), and the next in turn goes on. Stops at the first that finds no blocks. Returns
+        the budget left."""
         if not self.waiting or budget < 1 or len(self.running) >= self.max_num_seqs:
             return budget
         bm = self.block_manager
@@ -223,9 +226,11 @@ class Scheduler:
             start = len(cached) * bm.block_size
             remaining = seq.num_tokens - start
             n = self._chunk(start, remaining, budget, batch)
-            if n == 0 or (not self.chunked_prefill and n < remaining):
-                break
-            if not bm.can_allocate(seq, n, cached):
+            if n < remaining and (admitted or not self.chunked_prefill):
+                if not self.chunked_prefill:
+                    break
+                continue  # its request sits this step out
+            if n == 0 or not bm.can_allocate(seq, n, cached):
                 break
             bm.allocate(seq, n, cached)
             seq.status = SequenceStatus.RUNNING

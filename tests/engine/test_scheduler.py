@@ -250,6 +250,19 @@ def test_a_new_request_first_chunk_goes_before_the_rest_of_a_long_prompt():
     assert batch.needs_sample == [True, False]
 
 
+def test_only_the_first_admission_of_a_step_starts_a_prompt_in_chunks():
+    """A later prompt that does not fit whole waits a step rather than start with a sliver and
+    then wait behind older prompts' later chunks; the next in turn goes on meanwhile."""
+    s = make(num_blocks=32, max_num_batched_tokens=8, max_model_len=64)
+    a, long, new = seq([1, 2, 3], "a"), seq(range(1, 31), "long"), seq([4, 5, 6, 7], "new")
+    for x in (a, long, new):
+        s.add(x)
+    batch = step(s)
+    assert batch.seqs == [a, new] and batch.num_tokens == [3, 4]  # long would get only 1
+    batch = step(s)
+    assert batch.seqs == [a, new, long] and batch.num_tokens == [1, 1, 6]
+
+
 def brute_force_chunk(start, remaining, budget, k):
     """Tokens one by one while their costs add up to at most the budget (one at least)."""
     cost, n = 0.0, 0
