@@ -72,13 +72,6 @@ def decode_step_bytes(model) -> int:
             )
         elif weight is not None and name != "tok_embeddings":
             total += weight.numel() * weight.element_size()
-    if model.output is None:
-        packed = model.lm_head_block_int8
-        total += (
-            sum(t.numel() * t.element_size() for t in (packed.q, packed.scale, packed.offset))
-            if packed is not None
-            else model.lm_head_weight.numel() * model.lm_head_weight.element_size()
-        )
     return total
 
 
@@ -202,10 +195,11 @@ def main() -> None:
     llm, load_s = load_nucleus(args)
     model = llm.model
     weight_bytes = decode_step_bytes(model)
-    params = sum(p.numel() for p in model.parameters())
-    head = model.lm_head_weight.numel()
+    params = sum(p.numel() for p in model.parameters())  # a tied head counted once
+    head = model.output.weight.numel()
     # Every prompt token passes through the layers; the head runs once per generated token.
-    body = params - model.tok_embeddings.weight.numel() - (0 if model.output is None else head)
+    untied_head = 0 if model.config.tie_embeddings else head
+    body = params - model.tok_embeddings.weight.numel() - untied_head
     workload_flops = 2 * body * (sum(map(len, prompts)) + sum(outs)) + 2 * head * sum(outs)
     flops_per_token = workload_flops / sum(outs)
     del model

@@ -38,7 +38,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ import torch
 from nucleus.engine.engine import LLMEngine
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
+from nucleus.tools import Tool, encode_tool_chat
 
 logger = logging.getLogger("nucleus.async_llm")
 
@@ -181,10 +182,13 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Sequence[Tool] | None = None
+    ) -> list[int]:
+        """Prompt ids of a conversation, with the tools the model may call (`nucleus.tools`)."""
         if self.chat_format is None:
             raise ValueError("this model has no chat format")
-        return list(self.chat_format.encode_dialog_prompt(messages))
+        return encode_tool_chat(self.chat_format, messages, tools)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot (read without stopping the engine thread, so only roughly consistent)."""

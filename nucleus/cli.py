@@ -154,6 +154,11 @@ def _model_options(*, temperature: float, top_p: float, max_tokens: int) -> _Par
         help=f"context length in tokens, prompt and answer together "
         f"(default: the model's, at most {DEFAULT_MAX_MODEL_LEN})",
     )
+    model.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly: no CUDA graphs (slower; for debugging)",
+    )
     sampling = parent.add_argument_group("sampling")
     sampling.add_argument(
         "--max-tokens",
@@ -315,7 +320,9 @@ class _Session:
         del files.weights
         limit = files.config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
         max_model_len = args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
-        config = EngineConfig(max_num_seqs=1, max_model_len=max_model_len)
+        config = EngineConfig(
+            max_num_seqs=1, max_model_len=max_model_len, enforce_eager=args.enforce_eager
+        )
         self.engine = LLMEngine(model, files.tokenizer, config)
         self.name = files.name
         self.tokenizer = files.tokenizer
@@ -501,6 +508,11 @@ def _run_chat(args: argparse.Namespace) -> int:
     if one_shot is not None and not one_shot.strip():
         raise UsageError("the message is empty")
     session = _Session(args)
+    if session.chat_format is None:
+        raise CLIError(
+            f"{session.name} has no chat format (no chat template): "
+            "use 'nucleus generate' to complete text"
+        )
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

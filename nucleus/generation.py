@@ -40,6 +40,10 @@ from nucleus.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 __all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message"]
 
 BLOCK_SIZE = 16
+# The loop's own padding: the reference pads with `tokenizer.pad_id`, which is -1 in Meta's
+# tokenizer and so equals no token. Other tokenizers give `pad_id` a real token (often the
+# end-of-turn token every chat prompt holds), so the loop never uses theirs.
+PAD = -1
 # The reference loop samples by itself; the engine sequences it drives carry no parameters of use.
 _UNUSED_PARAMS = SamplingParams()
 
@@ -156,15 +160,20 @@ class Llama:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        # Llama 3 models use Meta's ChatFormat; other models their own chat template.
-        self.formatter = chat or ChatFormat(tokenizer)
+        if chat is None:
+            from nucleus.loaders import chat_format_for
+
+            chat = chat_format_for(tokenizer)
+        # Meta's ChatFormat for Llama 3 vocabularies, else the model's own template; None for a
+        # model with neither, which can complete text but not chat.
+        self.formatter = chat
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.fix_reference_bugs = fix_reference_bugs
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head_weight.device
+        return self.model.tok_embeddings.weight.device
 
     def _validate(
         self,
@@ -214,10 +223,8 @@ class Llama:
     ) -> torch.Tensor:
         """Logits `(B, end-start or 1, V)` of columns `[start, end)` of every row, through the
         engine's runner with the reference's attention arithmetic."""
-        bsz = len(rows)
-        hidden = runner.forward(
-            rows, [start] * bsz, [end - start] * bsz, exact_attention=True
-        ).view(bsz, end - start, -1)
+        bsz, width = len(rows), end - start
+        hidden = runner.forward(rows, [start] * bsz, [width] * bsz).view(bsz, width, -1)
         if not all_logits:
             hidden = hidden[:, -1:]
         return self.model.compute_logits(hidden)
@@ -249,13 +256,12 @@ class Llama:
         self._validate(prompt_tokens, max_gen_len, temperature, top_p)
         fix = self.fix_reference_bugs
         bsz = len(prompt_tokens)
-        pad_id = self.tokenizer.pad_id
         device = self.device
         prompt_lens = [len(t) for t in prompt_tokens]
         min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
         total_len = min(self.max_seq_len, max_gen_len + max_prompt_len)
 
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
@@ -267,18 +273,24 @@ class Llama:
         pool = BlockManager(
             bsz * -(-total_len // BLOCK_SIZE), BLOCK_SIZE, enable_prefix_caching=False
         )
-        runner = ModelRunner(self.model, num_kv_blocks=pool.num_blocks, block_size=BLOCK_SIZE)
+        runner = ModelRunner(
+            self.model,
+            num_kv_blocks=pool.num_blocks,
+            block_size=BLOCK_SIZE,
+            attention_backend="reference",
+            max_model_len=total_len,
+        )
         for seq in rows:
             pool.allocate(seq, total_len)
 
         prev_pos = 0
         eos_reached = torch.tensor([False] * bsz, device=device)
-        input_text_mask = tokens != pad_id
+        # The prompt positions, from the prompt lengths (the reference's `tokens != pad_id`).
+        prompt_ends = torch.tensor(prompt_lens, device=device)
+        input_text_mask = torch.arange(total_len, device=device) < prompt_ends[:, None]
         # Positions each row may still fill: the reference fills up to total_len; the fix stops a
         # row at its own budget.
-        row_end = torch.tensor(
-            [min(n + max_gen_len, total_len) for n in prompt_lens], device=device
-        )
+        row_end = (prompt_ends + max_gen_len).clamp(max=total_len)
         if min_prompt_len == total_len and logprobs:  # unused otherwise; draws no RNG
             logits = self._logits(runner, rows, 0, total_len, all_logits=True)
             if fix:  # aligned as the loop aligns them: position 0 has no prediction
@@ -286,14 +298,16 @@ class Llama:
                     logits[:, :-1].transpose(1, 2),
                     tokens[:, 1:],
                     reduction="none",
-                    ignore_index=pad_id,
+                    ignore_index=PAD,
                 )
             else:  # the reference's unshifted target (2.1 step 7)
                 token_logprobs = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
+                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD
                 )
 
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
+        stop_tokens = torch.tensor(
+            sorted(self.tokenizer.stop_tokens), dtype=torch.long, device=device
+        )
         for cur_pos in range(min_prompt_len, total_len):
             logits = self._logits(runner, rows, prev_pos, cur_pos, all_logits=logprobs)
             if temperature > 0:
@@ -312,7 +326,7 @@ class Llama:
                     logits.transpose(1, 2),
                     tokens[:, prev_pos + 1 : cur_pos + 1],
                     reduction="none",
-                    ignore_index=pad_id,
+                    ignore_index=PAD,
                 )
             eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop_tokens)
             prev_pos = cur_pos
@@ -353,12 +367,13 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> list[CompletionPrediction]:
-        """Complete each prompt (BOS added, special-token text encoded as text)."""
+        """Complete each prompt: special-token text is encoded as text, and a BOS comes first
+        where the model wants one (always with Meta's tokenizer, as the reference)."""
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         if not isinstance(prompts, Sequence) or isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings")
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [self.tokenizer.encode_prompt(x) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
             max_gen_len=max_gen_len,
@@ -377,7 +392,13 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant, in the Llama 3 chat format."""
+        """Answer each dialog as the assistant, in the Llama 3 chat format (other models: in
+        their own chat template)."""
+        if self.formatter is None:
+            raise ValueError(
+                "this model has no chat format (neither Llama 3's chat tokens nor a chat "
+                "template): use text_completion"
+            )
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]

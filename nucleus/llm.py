@@ -20,6 +20,7 @@ import torch
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.outputs import RequestOutput
 from nucleus.sampling_params import SamplingParams
+from nucleus.tools import Tool, ToolRequest, encode_tool_chat
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -204,25 +205,44 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | Sequence[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
     ) -> list[RequestOutput]:
         """Chat completions: one conversation (a list of `{"role", "content"}` dicts) or a list of
         conversations, formatted with the model's chat format and ended with the assistant
-        header."""
+        header.
+
+        `tools`, `tool_choice` and `parallel_tool_calls` are OpenAI's (`nucleus.tools`); with
+        tools, each output's `tool_calls` holds the calls found in its text (None when it is
+        plain content). Messages may hold OpenAI's `tool_calls` and `role: "tool"` results.
+        """
         if self.chat_format is None:
             raise ValueError("this model has no chat format")
         if not isinstance(messages, (list, tuple)):
             raise TypeError("messages must be a conversation or a list of conversations")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        items = [self.encode_chat(list(c)) for c in conversations]
+        request = ToolRequest.build(tools, tool_choice, parallel_tool_calls)
+        shown = request.prompt_tools if request else None
+        items = [self.encode_chat(list(c), tools=shown) for c in conversations]
         params = expand_params(sampling_params, len(items))
-        return self._run(items, params, use_tqdm=use_tqdm)
+        if request is not None:
+            params = [request.sampling_params(p, self.chat_format) for p in params]
+        outputs = self._run(items, params, use_tqdm=use_tqdm)
+        if request is not None:
+            for out in outputs:
+                for c in out.outputs:
+                    c.tool_calls = request.parse(c.text)
+        return outputs
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(self.chat_format.encode_dialog_prompt(messages))
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Sequence[Tool] | None = None
+    ) -> list[int]:
+        return encode_tool_chat(self.chat_format, messages, tools)
 
     def _run(
         self, items: list[str | list[int]], params: list[SamplingParams], *, use_tqdm: bool
@@ -232,7 +252,7 @@ class LLM:
         added = []
         try:
             for rid, prompt, p in zip(ids, items, params, strict=True):
-                engine.add_request(rid, prompt, p)
+                engine.add_request(rid, prompt, p, stream=False)
                 added.append(rid)
         except Exception:
             for rid in added:  # all or nothing: leave the engine as it was

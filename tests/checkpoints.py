@@ -26,6 +26,7 @@ class Shape:
     scaled_rope: bool = False  # Llama 3.1
     rope_factor: float = 8.0
     tied: bool = False  # Llama 3.2 1B/3B
+    vocab_size: int = VOCAB
 
     @property
     def head_dim(self) -> int:
@@ -38,7 +39,7 @@ class Shape:
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_kv_heads": self.n_kv_heads,
-            "vocab_size": VOCAB,
+            "vocab_size": self.vocab_size,
             "multiple_of": self.ffn_hidden,
             "ffn_dim_multiplier": None,
             "norm_eps": 1e-5,
@@ -62,7 +63,7 @@ class Shape:
                 "original_max_position_embeddings": 8192,
             }
         return LlamaConfig(
-            vocab_size=VOCAB,
+            vocab_size=self.vocab_size,
             hidden_size=self.dim,
             intermediate_size=self.ffn_hidden,
             num_hidden_layers=self.n_layers,
@@ -95,11 +96,11 @@ def random_meta_weights(
 
     hd = shape.head_dim
     weights = {
-        "tok_embeddings.weight": w(VOCAB, shape.dim, std=1.0),
+        "tok_embeddings.weight": w(shape.vocab_size, shape.dim, std=1.0),
         "norm.weight": 1 + w(shape.dim),
     }
     if not shape.tied:
-        weights["output.weight"] = w(VOCAB, shape.dim) * logit_scale
+        weights["output.weight"] = w(shape.vocab_size, shape.dim) * logit_scale
     for i in range(shape.n_layers):
         p = f"layers.{i}."
         weights |= {

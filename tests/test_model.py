@@ -7,8 +7,10 @@ the Q/K permutation of its own conversion script. Tolerance: fp32, relative erro
 import pytest
 import torch
 from checkpoints import LLAMA3, LLAMA31, LLAMA32, hf_logits, hf_model, random_meta_weights, rel_err
+from steps import cpu_backend, step_logits
 
-from nucleus.attention import AttentionMetadata, KVCache
+from nucleus.attention import ReferenceBackend, TorchBackend
+from nucleus.attention.cpu import CpuBackend
 from nucleus.config import ModelConfig
 from nucleus.loaders import CheckpointError, build_transformer
 from nucleus.model import rope_frequencies
@@ -28,58 +30,57 @@ def nucleus_model(shape, weights):
     return build_transformer(config, weights, device="cpu", dtype=torch.float32)
 
 
-def run(model, kv, seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-    """One flat step: each entry is (new token ids, tokens already cached, block table)."""
-    meta = AttentionMetadata.build(
-        [len(ids) for ids, _, _ in seqs],
-        [cached + len(ids) for ids, cached, _ in seqs],
-        [table for _, _, table in seqs],
-        BLOCK,
-        "cpu",
-    )
-    tokens = torch.tensor([t for ids, _, _ in seqs for t in ids])
-    positions = torch.tensor([cached + j for ids, cached, _ in seqs for j in range(len(ids))])
-    return model.compute_logits(model(tokens, positions, kv, meta))
-
-
 @pytest.fixture(scope="module", params=[LLAMA3, LLAMA31, LLAMA32], ids=["3.0", "3.1", "3.2"])
 def pair(request):
     weights = random_meta_weights(request.param, seed=0)
     return nucleus_model(request.param, weights), hf_model(request.param, weights)
 
 
-def test_prefill_logits_match_transformers(pair):
+# Every attention backend that runs on the CPU (the C kernels' one only with a compiler).
+BACKENDS = [ReferenceBackend, TorchBackend, CpuBackend]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+def backend_cls(request):
+    from nucleus.kernels import cpu as cpu_kernels
+
+    if request.param is CpuBackend and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    return request.param
+
+
+def test_prefill_logits_match_transformers(pair, backend_cls):
     model, oracle = pair
     ids = torch.randint(0, 128256, (77,), generator=torch.Generator().manual_seed(1)).tolist()
-    kv = KVCache.allocate(model.config, 8, BLOCK, torch.float32, "cpu")
-    ours = run(model, kv, [(ids, 0, [3, 1, 4, 0, 2])])
+    backend = cpu_backend(model.config, 8, BLOCK, backend_cls)
+    ours = step_logits(model, backend, [(ids, 0, [3, 1, 4, 0, 2])])
     assert rel_err(ours, hf_logits(oracle, ids)) <= TOL
 
 
-def test_step_by_step_decode_matches_transformers(pair):
+def test_step_by_step_decode_matches_transformers(pair, backend_cls):
     model, oracle = pair
     ids = torch.randint(0, 128256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     expected = hf_logits(oracle, ids)
-    kv = KVCache.allocate(model.config, 4, BLOCK, torch.float32, "cpu")
+    backend = cpu_backend(model.config, 4, BLOCK, backend_cls)
     table = [2, 0, 3]
     prefix = 7
-    ours = [run(model, kv, [(ids[:prefix], 0, table)])]
+    ours = [step_logits(model, backend, [(ids[:prefix], 0, table)])]
     for pos in range(prefix, len(ids)):
-        ours.append(run(model, kv, [(ids[pos : pos + 1], pos, table)]))
+        ours.append(step_logits(model, backend, [(ids[pos : pos + 1], pos, table)]))
     assert rel_err(torch.cat(ours), expected) <= TOL
 
 
-def test_mixed_flat_batch_equals_each_sequence_alone(pair):
+def test_mixed_flat_batch_equals_each_sequence_alone(pair, backend_cls):
     """Prefill chunks and decodes of different sequences share one step without mixing."""
     model, oracle = pair
     g = torch.Generator().manual_seed(3)
     a = torch.randint(0, 128256, (30,), generator=g).tolist()
     b = torch.randint(0, 128256, (21,), generator=g).tolist()
-    kv = KVCache.allocate(model.config, 8, BLOCK, torch.float32, "cpu")
-    run(model, kv, [(a[:29], 0, [0, 1])])
-    run(model, kv, [(b[:5], 0, [2, 3])])
+    backend = cpu_backend(model.config, 8, BLOCK, backend_cls)
+    step_logits(model, backend, [(a[:29], 0, [0, 1])])
+    step_logits(model, backend, [(b[:5], 0, [2, 3])])
     # Step: a decodes its 30th token, b prefills a chunk of 16 more.
-    out = run(model, kv, [(a[29:], 29, [0, 1]), (b[5:21], 5, [2, 3])])
+    out = step_logits(model, backend, [(a[29:], 29, [0, 1]), (b[5:21], 5, [2, 3])])
     assert rel_err(out[:1], hf_logits(oracle, a)[29:]) <= TOL
     assert rel_err(out[1:], hf_logits(oracle, b)[5:21]) <= TOL
 

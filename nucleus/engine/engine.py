@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,17 +18,23 @@ import torch
 from nucleus.config import ModelConfig
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
-from nucleus.engine.runner import ModelRunner, auto_num_blocks
-from nucleus.engine.scheduler import Scheduler
+from nucleus.engine.runner import ModelRunner, StepHandle, auto_num_blocks
+from nucleus.engine.scheduler import ScheduledBatch, Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
+from nucleus.engine.structured import StructuredOutputs
 from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
 
-# The step budget when none is given (docs/scheduling.md): on two CPU cores a step of 128 prompt
-# tokens of the default model takes about 0.2 s, so no running stream waits long for its next token;
-# on a GPU a step of 2048 takes milliseconds.
-DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 128}
+# Defaults per device type (docs/scheduling.md says how they were chosen): a GPU step costs about
+# the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
+# sequences and large prefill chunks; a CPU step costs in proportion to its tokens, and a budget of
+# 128 keeps one under about 0.2 s with the default model, so no running stream waits long for its
+# next token whatever else arrives.
+DEVICE_DEFAULTS = {
+    "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "admit_max_wait": 32},
+    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 128, "admit_max_wait": 0},
+}
 
 
 def context_cost_tokens(config: ModelConfig) -> int:
@@ -47,15 +53,22 @@ def context_cost_tokens(config: ModelConfig) -> int:
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from free memory
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int | None = None  # None: DEVICE_DEFAULTS for the model's device
+    max_num_batched_tokens: int | None = None  # None: likewise
     # A prompt token attending over c positions costs 1 + c / context_cost_tokens of the step's
     # budget. None: from the model's shapes (`context_cost_tokens`); 0: attention is free.
     context_cost_tokens: int | None = None
+    # Admission in groups of max_num_seqs // 8 (or after admit_max_wait steps held back) while
+    # sequences decode: None: DEVICE_DEFAULTS (CUDA 32 steps; CPU 0: admit whenever there is room).
+    admit_max_wait: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
     memory_fraction: float | None = None
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    attention_backend: str = "auto"  # or one of nucleus.attention.BACKENDS
+    # Launch the next decode step before the host has this one's tokens (CUDA graphs only).
+    async_scheduling: bool = True
 
 
 @dataclass
@@ -68,19 +81,36 @@ class _Request:
     detoks: list[IncrementalDetokenizer]
     texts: list[str]
     metrics: RequestMetrics
+    # Streamed requests report every step; the others (`LLM`) only their final output, and
+    # without stop strings their text is decoded once, when each sequence ends.
+    stream: bool = True
     reported_finished: bool = False
     pending: bool = field(default=False)  # has news not yet returned by step()
+
+    @property
+    def text_per_token(self) -> bool:
+        return self.stream or bool(self.params.stop_strings)
 
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Any, config: EngineConfig | None = None):
-        self.config = config = config or EngineConfig()
+        config = config or EngineConfig()
+        device = model.tok_embeddings.weight.device
+        defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+        self.config = config = replace(
+            config,
+            max_num_seqs=config.max_num_seqs or defaults["max_num_seqs"],
+            max_num_batched_tokens=config.max_num_batched_tokens
+            or defaults["max_num_batched_tokens"],
+            admit_max_wait=defaults["admit_max_wait"]
+            if config.admit_max_wait is None
+            else config.admit_max_wait,
+        )
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
         limit = mc.max_position_embeddings or config.max_model_len or 8192
         self.max_model_len = min(config.max_model_len or limit, limit)
-        device = model.tok_embeddings.weight.device
         kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
         num_blocks = config.num_kv_blocks or auto_num_blocks(
             model,
@@ -95,16 +125,15 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        budget = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(
-            device.type, DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"]
-        )
         cost = config.context_cost_tokens
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(budget, 1),
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
             stop_token_ids=self.stop_token_ids,
+            admit_group=config.max_num_seqs // 8 if config.admit_max_wait else 1,
+            admit_max_wait=config.admit_max_wait,
             context_cost_tokens=context_cost_tokens(mc) if cost is None else (cost or None),
         )
         self.runner = ModelRunner(
@@ -113,12 +142,18 @@ class LLMEngine:
             block_size=config.block_size,
             kv_dtype=kv_dtype,
             stop_token_ids=self.stop_token_ids,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            attention_backend=config.attention_backend,
         )
         self._special_ids = (
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
             | self.stop_token_ids
         )
+        self.structured = StructuredOutputs(tokenizer, model.config.vocab_size)
         self.requests: dict[str, _Request] = {}
+        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
@@ -130,10 +165,11 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         arrival_time: float | None = None,
+        stream: bool = True,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a request. `prompt`: text (tokenized here, unless its `prompt_token_ids` are
-        given) or token ids."""
+        given) or token ids. `stream=False`: `step` reports it once, when it has finished."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -156,17 +192,30 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
                 "and one is needed for the output"
             )
+        grammars = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.structured.matchers(params.structured_outputs, params.n)
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
             Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)
         ]
+        for seq, grammar in zip(seqs, grammars, strict=True):
+            seq.grammar = grammar
         skip = self._special_ids if params.skip_special_tokens else self.stop_token_ids
         detoks = [
             IncrementalDetokenizer(self.tokenizer, stop=params.stop_strings, skip_token_ids=skip)
             for _ in seqs
         ]
         self.requests[request_id] = _Request(
-            request_id, text, ids, params, seqs, detoks, [""] * len(seqs), RequestMetrics(now)
+            request_id,
+            text,
+            ids,
+            params,
+            seqs,
+            detoks,
+            [""] * len(seqs),
+            RequestMetrics(now),
+            stream=stream,
         )
         for seq in seqs:
             self.scheduler.add(seq)
@@ -194,15 +243,17 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None:
             return
-        self.scheduler.abort(s for s in req.seqs if not s.is_finished)
-        for i in range(len(req.seqs)):
-            req.texts[i] += req.detoks[i].flush()
+        unfinished = [s for s in req.seqs if not s.is_finished]
+        self.scheduler.abort(unfinished)
+        for seq in unfinished:
+            self._end_text(req, seq)
         req.pending = True
 
     def fail_unfinished(self, message: str, *, waiting_too: bool = False) -> list[RequestOutput]:
         """After a step raised: end the requests with a running sequence (all unfinished ones with
         `waiting_too`, or when none was running) with finish_reason "error" and `message`; their
         blocks go back. Returns their final outputs. Waiting requests otherwise stay queued."""
+        self._ahead = None  # a step launched ahead holds only running sequences: ended below
         running = {s.request_id for s in self.scheduler.running}
         if waiting_too or not running:
             running |= {s.request_id for s in self.scheduler.waiting}
@@ -212,16 +263,16 @@ class LLMEngine:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            for i, seq in enumerate(req.seqs):
+            for seq in req.seqs:
                 if not seq.is_finished:
                     seq.error = message
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
                     with contextlib.suppress(Exception):  # else the text so far stands
-                        req.texts[i] += req.detoks[i].flush()
+                        self._end_text(req, seq)
             req.pending = False
             out = self._output(req)
             req.reported_finished = True
-            del self.requests[rid]
+            self._forget(req)
             outputs.append(out)
         return outputs
 
@@ -230,19 +281,33 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of the requests that changed."""
-        batch = self.scheduler.schedule()
-        if not batch.is_empty:
+        """Run one scheduler step; returns the outputs of the requests that changed.
+
+        With `async_scheduling`, while a decode step runs on the device the next one is already
+        scheduled and launched (`Scheduler.schedule_ahead`), its input tokens read on the device:
+        the device never waits for the host's bookkeeping. The next call processes it.
+        """
+        if self._ahead is not None:
+            batch, handle = self._ahead
+            self._ahead = None
+        else:
+            batch = self.scheduler.schedule()
+            handle = None if batch.is_empty else self._launch(batch)
+        if handle is not None and self.config.async_scheduling:
+            self._launch_ahead(batch, handle)
+        if handle is not None:
             now = time.monotonic()
-            result = self.runner.execute(batch)
+            result = handle.result()
             for i, seq in enumerate(batch.seqs):
+                if seq.is_finished:
+                    continue  # ended after this step was launched ahead: its row is void
                 req = self.requests[seq.request_id]
                 if req.metrics.first_scheduled_time is None:
                     req.metrics.first_scheduled_time = now
                 if result.errors[i] is not None:
                     seq.error = result.errors[i]
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
-                    req.texts[seq.index] += req.detoks[seq.index].flush()
+                    self._end_text(req, seq)
                     req.pending = True
             row_of = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
             for seq in self.scheduler.postprocess(batch, result.token_ids):
@@ -251,13 +316,37 @@ class LLMEngine:
         for req in list(self.requests.values()):
             if not req.pending:
                 continue
+            finished = all(s.is_finished for s in req.seqs)
+            if not (req.stream or finished):
+                continue
             req.pending = False
-            out = self._output(req)
-            outputs.append(out)
-            if out.finished:
+            outputs.append(self._output(req))
+            if finished:
                 req.reported_finished = True
-                del self.requests[req.request_id]
+                self._forget(req)
         return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Launch a step, its constrained rows' masks computed meanwhile in the worker thread."""
+        masks = self.structured.begin(
+            [batch.seqs[i].grammar for i in batch.sample_indices], self.runner.device
+        )
+        try:
+            return self.runner.launch(batch, masks=masks)
+        finally:
+            if masks is not None:
+                masks.finish()  # the matchers are the engine's again
+
+    def _launch_ahead(self, batch: ScheduledBatch, handle: StepHandle) -> None:
+        if not self.runner.can_feed_tokens_on_device or not handle.rows:
+            return
+        if len(handle.rows) != len(batch) or any(n != 1 for n in batch.num_tokens):
+            return  # not a decode step
+        if any(seq.grammar is not None for seq in batch.seqs):
+            return  # a constrained row's next mask needs the token this step samples
+        ahead = self.scheduler.schedule_ahead(batch)
+        if ahead is not None:
+            self._ahead = (ahead, self.runner.launch(ahead, after=handle))
 
     def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
         req = self.requests[seq.request_id]
@@ -269,15 +358,42 @@ class LLMEngine:
         i, token = seq.index, seq.last_token_id
         detok = req.detoks[i]
         ended_by_token = seq.status is SequenceStatus.FINISHED_STOPPED
-        if not ended_by_token:
+        grammar_complete = False
+        if seq.grammar is not None and not seq.is_finished:
+            error = self.structured.accept(seq.grammar, token)
+            if error is not None:
+                seq.error = error
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            grammar_complete = seq.grammar.is_stopped()  # nothing may follow this token
+        failed = seq.status is SequenceStatus.FINISHED_ERROR
+        if not ended_by_token and not failed and req.text_per_token:
             check = seq.num_output_tokens >= seq.params.min_tokens
             req.texts[i] += detok.add([token], check_stop=check)
             if detok.stopped and not seq.is_finished:
                 seq.stop_reason = detok.stop_reason
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if grammar_complete and not seq.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if seq.is_finished:
-            req.texts[i] += detok.flush()
+            self._end_text(req, seq)
         req.pending = True
+
+    def _forget(self, req: _Request) -> None:
+        """A request reported finished: nothing of it stays in the engine or the runner."""
+        del self.requests[req.request_id]
+        for seq in req.seqs:
+            self.runner.release(seq)
+
+    def _end_text(self, req: _Request, seq: Sequence) -> None:
+        """A sequence ended: its text gets what its detokenizer holds back, and, where the text
+        was not built token by token, all its output tokens first (but a stop token)."""
+        i, detok = seq.index, req.detoks[seq.index]
+        if not req.text_per_token:
+            ids = seq.output_token_ids
+            if seq.status is SequenceStatus.FINISHED_STOPPED and isinstance(seq.stop_reason, int):
+                ids = ids[:-1]
+            req.texts[i] += detok.add(ids)
+        req.texts[i] += detok.flush()
 
     def _output(self, req: _Request) -> RequestOutput:
         completions = []
@@ -321,7 +437,7 @@ class LLMEngine:
             params = [params or SamplingParams()] * len(prompts)
         ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            self.add_request(rid, prompt, p)
+            self.add_request(rid, prompt, p, stream=False)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():

@@ -20,6 +20,10 @@ costs `1 + c / context_cost_tokens` units (`context_cost_tokens`: the context le
 attention costs as much as the rest of the model's work for a token). Late chunks of a long prompt
 are therefore smaller, and a step takes about the same time at any context length.
 
+On a GPU, waiting sequences are admitted in groups (`admit_group`, `admit_max_wait`: step 2 runs
+when admission is due), and `schedule_ahead` launches decode steps ahead meanwhile (none while a
+newcomer needs the room of step 0).
+
 When blocks run out for a running sequence, the newest running sequence is preempted: its blocks go
 back to the pool and it waits at the head of the queue to be recomputed (prompt and output so far).
 
@@ -64,6 +68,11 @@ class ScheduledBatch:
         return not self.seqs
 
     @property
+    def sample_indices(self) -> list[int]:
+        """The rows that sample a token this step, in order (the sampler's rows)."""
+        return [i for i, need in enumerate(self.needs_sample) if need]
+
+    @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
@@ -84,19 +93,21 @@ class Scheduler:
         max_model_len: int = 8192,
         stop_token_ids: Iterable[int] = (),
         chunked_prefill: bool = True,
+        admit_group: int = 1,
+        admit_max_wait: int = 0,
         context_cost_tokens: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be >= 1")
         if context_cost_tokens is not None and context_cost_tokens < 1:
             raise ValueError(f"context_cost_tokens must be >= 1 or None, got {context_cost_tokens}")
+        if not chunked_prefill and context_cost_tokens is not None:
+            raise ValueError("context_cost_tokens needs chunked prefill")
         if not chunked_prefill and max_num_batched_tokens < max_model_len:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                 f"({max_num_batched_tokens} < {max_model_len})"
             )
-        if not chunked_prefill and context_cost_tokens is not None:
-            raise ValueError("context_cost_tokens needs chunked prefill")
         if block_manager.num_blocks * block_manager.block_size < max_model_len:
             raise ValueError(
                 f"the KV cache holds {block_manager.num_blocks} blocks of {block_manager.block_size}"
@@ -112,6 +123,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        # Admission in groups (docs/scheduling.md): while sequences run, waiting ones are admitted
+        # once `admit_group` slots are free (or every waiting one fits), or once admission has
+        # been held back for `admit_max_wait` steps. 1 and 0: whenever there is room.
+        self.admit_group = max(admit_group, 1)
+        self.admit_max_wait = admit_max_wait
+        self._held_steps = 0  # consecutive steps admission was held back
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -140,21 +157,91 @@ class Scheduler:
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
         partial = [s for s in self.running if s.num_uncomputed_tokens > 1]
         budget = self._schedule_running(batch, decodes, budget, scheduled)
-        if len(batch.preempted) == made_room:  # nobody new while blocks run short
+        admit = self._admission_due()
+        room = self.waiting and len(self.running) < self.max_num_seqs
+        self._held_steps = self._held_steps + 1 if room and not admit else 0
+        if admit and len(batch.preempted) == made_room:  # nobody new while blocks run short
             budget = self._admit_waiting(batch, budget, scheduled)
         self._schedule_running(batch, partial, budget, scheduled)
         return batch
 
-    def _make_room_for_a_newcomer(self, batch: ScheduledBatch) -> None:
-        """Step 0: the first waiting request holding no running sequence gets a slot, and blocks
-        for a first chunk, from the request holding the most running sequences, while that one
-        keeps at least one."""
+    def schedule_ahead(self, inflight: ScheduledBatch) -> ScheduledBatch | None:
+        """The next decode step of `inflight`'s sequences, scheduled while `inflight` (a step of
+        one sampled token per row) still runs, as if each had its token: row `i` computes that
+        token at position `starts[i]`, reading it where the runner left it on the device (and
+        its penalty counts there too).
+
+        Sequences that end by length with this token are left out. None when the next step has
+        to be scheduled from the results instead: a waiting sequence is to be admitted (or a
+        newcomer needs a slot made), or blocks run short (preemption is decided then).
+        """
+        if self._admission_due() or self._newcomer_without_room() is not None:
+            return None
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            self._held_steps += 1  # held back this step too (the bound counts every step)
+        bm = self.block_manager
+        rows: list[Sequence] = []
+        for seq in inflight.seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # ended since it was scheduled (stop, abort, error)
+            p = seq.params
+            after = seq.num_output_tokens + 1  # outputs once the token in flight is in
+            if (p.max_tokens is not None and after >= p.max_tokens) or (
+                seq.num_tokens + 1 >= self.max_model_len
+            ):
+                continue  # the token in flight is its last
+            rows.append(seq)
+        if not rows or len(rows) > self.max_num_batched_tokens:
+            return None
+        # Room for the token in flight and this one (the runner writes both K/Vs).
+        if sum(bm.num_new_blocks(seq, 2) for seq in rows) > bm.num_free_blocks:
+            return None
+        batch = ScheduledBatch()
+        for seq in rows:
+            bm.append_slots(seq, 2)
+            batch.seqs.append(seq)
+            batch.starts.append(seq.num_computed_tokens + 1)
+            batch.num_tokens.append(1)
+            batch.needs_sample.append(True)
+        return batch
+
+    def _admission_due(self) -> bool:
+        """Whether the next step admits waiting sequences (when the pool lets it)."""
+        free = self.max_num_seqs - len(self.running)
+        if not self.waiting or free <= 0:
+            return False
+        return (
+            not self.running
+            or free >= min(self.admit_group, len(self.waiting))
+            or self._held_steps >= self.admit_max_wait
+        )
+
+    def _newcomer_without_room(self) -> Sequence | None:
+        """The first waiting sequence of a request holding no running sequence, if it finds no
+        slot (or too few free blocks for a first chunk) while some request holds two or more:
+        the one step 0 makes room for. None otherwise."""
         if not self.waiting:
-            return
+            return None
         held = Counter(s.request_id for s in self.running)
+        if max(held.values(), default=0) < 2:
+            return None
         newcomer = next((s for s in self.waiting if not held[s.request_id]), None)
         if newcomer is None:
+            return None
+        bm = self.block_manager
+        blocks = bm.blocks_for(min(newcomer.num_tokens, self.max_num_batched_tokens))
+        if len(self.running) < self.max_num_seqs and blocks <= bm.num_free_blocks:
+            return None
+        return newcomer
+
+    def _make_room_for_a_newcomer(self, batch: ScheduledBatch) -> None:
+        """Step 0: the newcomer without room gets a slot, and blocks for a first chunk, from the
+        request holding the most running sequences (its newest), while that one keeps at least
+        one."""
+        newcomer = self._newcomer_without_room()
+        if newcomer is None:
             return
+        held = Counter(s.request_id for s in self.running)
         bm = self.block_manager
         blocks = bm.blocks_for(min(newcomer.num_tokens, self.max_num_batched_tokens))
         while True:
@@ -294,9 +381,11 @@ class Scheduler:
         """
         bm = self.block_manager
         got_token = []
-        for seq, n, token in zip(batch.seqs, batch.num_tokens, sampled, strict=True):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
+        for seq, start, n, token in zip(
+            batch.seqs, batch.starts, batch.num_tokens, sampled, strict=True
+        ):
+            if seq.status is not SequenceStatus.RUNNING or start != seq.num_computed_tokens:
+                continue  # ended, or preempted and recomputed since this step was scheduled
             before = seq.num_computed_tokens
             seq.num_computed_tokens = before + n
             bm.cache_blocks(seq, before)

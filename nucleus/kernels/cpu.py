@@ -113,9 +113,9 @@ def _load() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         lib.rms_norm_f32.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
         lib.rms_norm_f32.restype = None
-        lib.silu_mul_f32.argtypes = [_ptr, _ptr, _ptr, _i64, ctypes.c_int]
+        lib.silu_mul_f32.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
         lib.silu_mul_f32.restype = None
-        lib.rotary_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
+        lib.rotary_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
         lib.rotary_f32.restype = None
         lib.write_kv_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
         lib.write_kv_f32.restype = ctypes.c_int
@@ -124,21 +124,17 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _require_library() -> ctypes.CDLL:
-    """The compiled library, for a kernel wrapper whose caller checked `*_available` first."""
+    """The compiled library, for a kernel wrapper whose caller checked `available()` first."""
     lib = _load()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available (no C compiler, or turned off)")
     return lib
 
 
-def decode_attention_available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether `paged_decode_attention` can serve these tensors (float32, on the CPU)."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and cache_k.dtype == torch.float32
-        and _load() is not None
-    )
+def available() -> bool:
+    """Whether the CPU kernels can run here (a C compiler, and not turned off): checked once, when
+    a model's ops and attention backend are chosen (`nucleus.ops`, `nucleus.attention`)."""
+    return _load() is not None
 
 
 def _paged_attention_call(kernel, q, cache_k, cache_v, out, *layout) -> None:
@@ -193,12 +189,6 @@ def paged_decode_attention(
         q.shape[0],
     )
     return out
-
-
-def prefill_attention_available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether `paged_prefill_attention` serves these tensors: as `decode_attention_available`,
-    with a head size that is a multiple of 16 (its register tile)."""
-    return q.shape[-1] % 16 == 0 and decode_attention_available(q, cache_k)
 
 
 def paged_prefill_attention(
@@ -259,6 +249,13 @@ class BlockInt8Weight:
 
         return cls(panels(q.to(torch.int8)), panels(scale.float()), panels(offset.float()))
 
+    @classmethod
+    def concat(cls, parts: list[BlockInt8Weight]) -> BlockInt8Weight:
+        """The matrices of `parts` stacked along their output rows (whole panels each)."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scale", "offset")))
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape[0] * self.PANEL, self.q.shape[1]
@@ -271,22 +268,15 @@ class BlockInt8Weight:
         return w.view(n // self.PANEL, k, self.PANEL).transpose(1, 2).reshape(n, k)
 
 
-def block_linear_available(x: torch.Tensor) -> bool:
-    """Whether `block_int8_linear` serves `x` (float32 rows on the CPU). It does at every row
-    count: measured on a 2-core AVX2 CPU, 1.1-1.4x the float32 GEMM from 64 to 2,048 rows, and
-    up to 6x below 8 rows, where the float32 GEMM waits on the weight bytes."""
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and _load() is not None
-    )
-
-
 def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
-    """`x (M, K) @ W.T` for a block-int8 `W (N, K)`, float32: `F.linear(x, weight.dequantize())`
-    up to summation order."""
+    """`x (..., K) @ W.T` for a block-int8 `W (N, K)`, float32: `F.linear(x, weight.dequantize())`
+    up to summation order (leading dimensions kept, as `F.linear` keeps them)."""
     lib = _require_library()
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
+    if x.dim() != 2:
+        return block_int8_linear(x.reshape(-1, k), weight).view(*x.shape[:-1], n)
     x = x.contiguous()
     y = x.new_empty(x.shape[0], n)
     status = lib.block_int8_linear_f32(
@@ -305,16 +295,6 @@ def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
     return y
 
 
-def elementwise_available(*tensors: torch.Tensor) -> bool:
-    """Whether the row-wise kernels (`rms_norm`, `silu_mul`, `write_kv`) serve these tensors
-    (contiguous float32 on the CPU)."""
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and all(t.is_contiguous() for t in tensors)
-        and _load() is not None
-    )
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x**2, -1) + eps) * weight` over the last dimension, in one pass."""
     out = torch.empty_like(x)
@@ -331,35 +311,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`silu(a) * b`, written into `a` (a temporary the caller gives up)."""
-    if a.shape != b.shape:
-        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` of contiguous fused rows `(T, 2H)` holding `[gate | up]` -> `(T, H)`."""
+    tokens, two_h = gate_up.shape
+    if two_h % 2 or not gate_up.is_contiguous():
+        raise ValueError(f"expected contiguous [gate | up] rows, got {tuple(gate_up.shape)}")
+    out = gate_up.new_empty(tokens, two_h // 2)
     _require_library().silu_mul_f32(
-        a.data_ptr(), b.data_ptr(), a.data_ptr(), a.numel(), torch.get_num_threads()
+        gate_up.data_ptr(), out.data_ptr(), tokens, two_h // 2, torch.get_num_threads()
     )
-    return a
-
-
-def rotary_available(x: torch.Tensor, freqs_cis: torch.Tensor) -> bool:
-    """Whether `rotary_` serves `x` (contiguous float32 on the CPU) and `freqs_cis` (contiguous
-    complex64)."""
-    return (
-        freqs_cis.dtype == torch.complex64
-        and freqs_cis.is_contiguous()
-        and elementwise_available(x)
-    )
+    return out
 
 
 def rotary_(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """RoPE in place on `x (T, heads, hd)` by complex64 `freqs_cis (T, hd/2)`: each pair
+    """RoPE in place on float32 `x (T, heads, hd)` by complex64 `freqs_cis (T, hd/2)`: each pair
     `(x[2i], x[2i+1])` times `freqs_cis[t, i]` as a complex product (torch's up to the last bit).
-    `x` is a temporary the caller gives up."""
+    Tokens may be strided (a view into fused Q/K/V rows); each token's heads must be contiguous."""
     tokens, heads, head_dim = x.shape
     if freqs_cis.shape != (tokens, head_dim // 2) or freqs_cis.dtype != torch.complex64:
         raise ValueError(f"freqs_cis {tuple(freqs_cis.shape)} does not fit x {tuple(x.shape)}")
+    if x.stride(2) != 1 or x.stride(1) != head_dim or not freqs_cis.is_contiguous():
+        raise ValueError("rotary_ needs each token's heads contiguous and a contiguous freqs_cis")
     _require_library().rotary_f32(
-        x.data_ptr(), freqs_cis.data_ptr(), tokens, heads, head_dim, torch.get_num_threads()
+        x.data_ptr(),
+        freqs_cis.data_ptr(),
+        tokens,
+        x.stride(0),
+        heads,
+        head_dim,
+        torch.get_num_threads(),
     )
     return x
 

@@ -42,39 +42,41 @@ void rms_norm_f32(const float *x, const float *weight, float *out, int64_t M, in
     }
 }
 
-/* out[i] = a[i] / (1 + exp(-a[i])) * b[i] for n values; out may be a. */
-void silu_mul_f32(const float *a, const float *b, float *out, int64_t n, int num_threads) {
-    const int64_t chunk = 4096;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n > 16384)
-    for (int64_t c = 0; c < n; c += chunk) {
-        const int64_t end = c + chunk < n ? c + chunk : n;
-        int64_t i = c;
+/* The SwiGLU gate on fused gate/up rows: x (M, 2H) holds [gate | up] per row, out (M, H) gets
+ * gate / (1 + exp(-gate)) * up. */
+void silu_mul_f32(const float *x, float *out, int64_t M, int64_t H, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * H > 16384)
+    for (int64_t m = 0; m < M; m++) {
+        const float *a = x + m * 2 * H, *b = a + H;
+        float *o = out + m * H;
+        int64_t i = 0;
 #ifdef __AVX2__
         const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-        for (; i + 8 <= end; i += 8) {
+        for (; i + 8 <= H; i += 8) {
             const __m256 av = _mm256_loadu_ps(a + i);
             const __m256 e = exp8(_mm256_sub_ps(zero, av));
             const __m256 s = _mm256_div_ps(av, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(b + i)));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(b + i)));
         }
 #endif
-        for (; i < end; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+        for (; i < H; i++) o[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
     }
 }
 
-/* RoPE in place: each pair (x[2i], x[2i+1]) of x (T, heads, head_dim) times freqs[t, i] =
+/* RoPE in place: each pair (x[2i], x[2i+1]) of x (T, heads, head_dim; token t's heads start at
+ * x + t * stride_t, one after another) times freqs[t, i] =
  * (cos, sin) of freqs (T, head_dim / 2, 2), as the complex product (a c - b d, a d + b c), each
  * product and sum rounded (the build does not contract them into FMAs). torch's vectorised
  * complex multiply fuses some of these steps, so the two differ in the last bit of about a
  * quarter of the values; both are within one rounding of the exact product. */
-void rotary_f32(float *x, const float *freqs, int64_t T, int64_t heads, int64_t head_dim,
-                int num_threads) {
+void rotary_f32(float *x, const float *freqs, int64_t T, int64_t stride_t, int64_t heads,
+                int64_t head_dim, int num_threads) {
     const int64_t pairs = head_dim / 2;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (T * heads * head_dim > 65536)
     for (int64_t t = 0; t < T; t++) {
         const float *f = freqs + t * head_dim;
         for (int64_t h = 0; h < heads; h++) {
-            float *xh = x + (t * heads + h) * head_dim;
+            float *xh = x + t * stride_t + h * head_dim;
             for (int64_t i = 0; i < pairs; i++) {
                 const float a = xh[2 * i], b = xh[2 * i + 1];
                 const float c = f[2 * i], d = f[2 * i + 1];

@@ -14,6 +14,7 @@ from nucleus.chat_template import ChatTemplate
 from nucleus.config import ModelConfig
 from nucleus.hf_tokenizer import HFTokenizer
 from nucleus.kernels.cpu import BlockInt8Weight
+from nucleus.linear import Linear, fuse_parts
 from nucleus.loaders.errors import CheckpointError
 from nucleus.loaders.gguf import (
     is_gguf_file,
@@ -32,7 +33,13 @@ LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_
 # Tensors some checkpoints carry that the model recomputes (Llama 2-era Meta `rope.freqs`).
 _IGNORED_EXTRAS = {"rope.freqs"}
 
-__all__ = ["CheckpointError", "ModelFiles", "build_transformer", "load_model_files"]
+__all__ = [
+    "CheckpointError",
+    "ModelFiles",
+    "build_transformer",
+    "chat_format_for",
+    "load_model_files",
+]
 
 
 def build_transformer(
@@ -43,16 +50,26 @@ def build_transformer(
     dtype: torch.dtype,
     block_int8: dict[str, BlockInt8Weight] | None = None,
 ) -> Transformer:
-    """Make the model on `device` in `dtype` from `weights`, checking names and shapes strictly.
+    """Make the model on `device` in `dtype` from `weights` (checkpoint names: Meta's), checking
+    names and shapes strictly, then choose its kernels (`Transformer.bind_kernels`).
 
     The model is created on the meta device and each weight is converted and assigned in turn, so
-    at most one weight is in flight beside the (memory-mapped) checkpoint. `block_int8` (a GGUF's
-    8-bit block form of some weights, `ModelFiles.block_int8`) is kept beside the float32 weights
-    of a float32 CPU model, for the CPU kernels; other placements ignore it.
+    at most one weight is in flight beside the (memory-mapped) checkpoint; the parts of a fused
+    `Linear` (Q/K/V, gate/up) are copied into place in its weight. `block_int8` (a GGUF's 8-bit
+    block form of some weights, `ModelFiles.block_int8`) is used by a float32 CPU model's linears,
+    for the CPU kernels; other placements ignore it.
     """
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Linear)}
+    expected: dict[str, tuple[int, ...]] = {}  # checkpoint name -> shape
+    for name, param in model.state_dict().items():
+        if name in linears:
+            layer = model.get_submodule(linears[name])
+            parts = layer.checkpoint_names(model.checkpoint_name(linears[name]))
+            expected.update({part: (width, layer.in_features) for part, width in parts.items()})
+        else:
+            expected[name] = tuple(param.shape)
     given = set(weights) - _IGNORED_EXTRAS
     missing = sorted(set(expected) - given)
     unexpected = sorted(given - set(expected))
@@ -62,10 +79,17 @@ def build_transformer(
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    state = {}
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(
+                f"checkpoint tensor {name!r} has shape {tuple(weights[name].shape)}, "
+                f"the model config needs {shape}"
+            )
+    state: dict[str, torch.Tensor] = {}
+    placed: dict[str, torch.Tensor] = {}  # by checkpoint name: a tied head reuses the embedding
     # Reading memory-mapped Meta/HF weights and converting them is where loading spends its time.
     progress = tqdm(
-        expected.items(),
+        model.state_dict(),
         desc="placing weights",
         unit="tensor",
         file=sys.stderr,
@@ -73,21 +97,23 @@ def build_transformer(
         leave=False,
         disable=None,  # and only on a terminal
     )
-    for name, shape in progress:
-        tensor = weights[name]
-        if tensor.shape != shape:
-            raise CheckpointError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"the model config needs {tuple(shape)}"
-            )
-        state[name] = tensor.to(device=device, dtype=dtype)
+    for name in progress:
+        if name not in linears:
+            state[name] = placed[name] = weights[name].to(device=device, dtype=dtype)
+            continue
+        layer_name = model.checkpoint_name(linears[name])
+        if f"{layer_name}.weight" in placed:
+            state[name] = placed[f"{layer_name}.weight"]
+            continue
+        layer = model.get_submodule(linears[name])
+        state[name] = fuse_parts(layer, layer_name, weights, device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
-    if block_int8 and torch.device(device).type == "cpu" and dtype == torch.float32:
-        model.attach_block_int8(block_int8)
+    model.tie_weights()  # assignment gave the head its own Parameter over the same tensor
     # The RoPE frequencies are a non-persistent buffer: compute them for real on the target device.
     model.rope_freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).to(
         device
     )
+    model.bind_kernels(block_int8)
     return model.eval()
 
 
@@ -99,7 +125,7 @@ class ModelFiles:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer | HFTokenizer
-    chat: ChatFormat | ChatTemplate
+    chat: ChatFormat | ChatTemplate | None  # None: the model has no chat format
     # Weights a GGUF stores as 8-bit blocks (Q8_0/Q4_0/Q4_1), in that form, for `build_transformer`.
     block_int8: dict[str, BlockInt8Weight] = field(default_factory=dict)
 
@@ -110,17 +136,15 @@ class ModelFiles:
         )
 
 
-def _chat_for(
-    tokenizer: Tokenizer | HFTokenizer, template: str | None
-) -> ChatFormat | ChatTemplate:
-    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use their own template."""
+def chat_format_for(tokenizer: Tokenizer | HFTokenizer) -> ChatFormat | ChatTemplate | None:
+    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use the chat template that
+    came with their tokenizer. None for a model with neither (a base model): it can complete
+    text, not chat."""
     if all(t in tokenizer.special_tokens for t in LLAMA3_CHAT_TOKENS):
         return ChatFormat(tokenizer)
-    if not template:
-        raise CheckpointError(
-            f"{getattr(tokenizer, 'name', 'tokenizer')}: the model has no chat template"
-        )
-    return ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token, tokenizer)
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template:
+        return ChatTemplate.from_tokenizer(tokenizer)
+    return None
 
 
 def load_model_files(
@@ -137,20 +161,17 @@ def load_model_files(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    template = None
     block_int8 = {}
     if path.is_file() and is_gguf_file(path):
         config, weights = load_gguf_checkpoint(path)
         block_int8 = read_block_int8(path)
         tokenizer = HFTokenizer.from_gguf(read_gguf_metadata(path), name=path.name)
-        template = tokenizer.chat_template
     elif is_meta_checkpoint(path):
         config, weights = load_meta_checkpoint(path)
         tokenizer_path = tokenizer_path or path / "tokenizer.model"
     elif is_hf_checkpoint(path):
         config, weights = load_hf_checkpoint(path)
         tokenizer = HFTokenizer.from_file(path / "tokenizer.json")
-        template = tokenizer.chat_template
     else:
         raise CheckpointError(
             f"{path}: not a model: expected a .gguf file, a Meta checkpoint directory "
@@ -162,7 +183,6 @@ def load_model_files(
             raise FileNotFoundError(f"tokenizer_path {str(tokenizer_path)!r} is not a file")
         if tokenizer_path.suffix == ".json":
             tokenizer = HFTokenizer.from_file(tokenizer_path)
-            template = tokenizer.chat_template
         else:
             tokenizer = Tokenizer(tokenizer_path)
     if config.vocab_size < tokenizer.n_words:
@@ -170,5 +190,4 @@ def load_model_files(
             f"{path}: the model's vocabulary ({config.vocab_size}) is smaller than its "
             f"tokenizer's ({tokenizer.n_words} tokens)"
         )
-    chat = _chat_for(tokenizer, template)
-    return ModelFiles(path.name, config, weights, tokenizer, chat, block_int8)
+    return ModelFiles(path.name, config, weights, tokenizer, chat_format_for(tokenizer), block_int8)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nucleus.sampling_params import SamplingParams
+from nucleus.engine.structured import grammar_for
+from nucleus.sampling_params import SamplingParams, StructuredOutputsParams
 from nucleus.server.protocol import APIError
 from nucleus.server.state import ServerState
 
@@ -18,6 +19,7 @@ __all__ = [
     "check_sequences",
     "check_text_length",
     "sampling_params",
+    "structured_outputs",
     "value_error",
 ]
 
@@ -135,6 +137,7 @@ def sampling_params(
         "ignore_eos": bool(req.ignore_eos),
         "stop_token_ids": req.stop_token_ids or None,
         "skip_special_tokens": req.skip_special_tokens is not False,
+        "structured_outputs": structured_outputs(req),
     }
     try:
         return SamplingParams(**kwargs)
@@ -150,3 +153,53 @@ def value_error(exc: ValueError, rename: dict[str, str] | None = None) -> APIErr
         param = (rename or {}).get(param, param)
     message = _SP_FIELD.sub(lambda m: (rename or {}).get(m.group(1), m.group(1)), str(exc))
     return APIError.bad_request(message, param=param)
+
+
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_grammar": "grammar",
+    "guided_choice": "choice",
+}
+
+
+def structured_outputs(req: Any) -> StructuredOutputsParams | None:
+    """The request's output constraint: `response_format` (`json_object`, `json_schema`) or one
+    of vLLM's `guided_*` fields; a constraint that does not compile is a 400 naming its field."""
+    given = [name for name in ("response_format", *_GUIDED) if getattr(req, name) is not None]
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") == "text":
+        given.remove("response_format")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError.bad_request(
+            f"Give at most one output constraint, not {' and '.join(given)}.", param=given[1]
+        )
+    param = given[0]
+    try:
+        if param == "response_format":
+            constraint = _response_format(fmt)
+        else:
+            constraint = StructuredOutputsParams(**{_GUIDED[param]: getattr(req, param)})
+        grammar_for(constraint)
+    except ValueError as exc:
+        message = str(exc).removeprefix("StructuredOutputsParams: ")
+        raise APIError.bad_request(f"Invalid '{param}': {message}", param=param) from None
+    return constraint
+
+
+def _response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise ValueError("json_schema must be an object holding a 'schema' object")
+    # OpenAI's `schema` is optional: without one, any JSON object.
+    schema = spec.get("schema")
+    if schema is None:
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=schema)

@@ -126,8 +126,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--max-num-batched-tokens",
         type=int,
         default=None,
-        help="the engine's budget of tokens in one step (default: 2048 on CUDA, 128 on the CPU; "
+        help="the engine's budget of one step (default: 8192 on CUDA, 128 on the CPU; "
         "docs/scheduling.md)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly: no CUDA graphs (slower; for debugging)",
     )
     parser.add_argument(
         "--log-level",
@@ -147,6 +152,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
+    if getattr(args, "enforce_eager", False):
+        kwargs["enforce_eager"] = True
     return AsyncLLM(
         getattr(args, "model", None),
         device=getattr(args, "device", None),

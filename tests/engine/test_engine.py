@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from steps import cpu_backend, step_logits
 from toy import ToyTokenizer, tiny_model
 
-from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.model import Transformer
 from nucleus.sampling_params import SamplingParams
@@ -21,10 +21,7 @@ def model() -> Transformer:
 
 
 def naive_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
-    kv = KVCache.allocate(model.config, 1, 64, torch.float32, "cpu")
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0]], 64, "cpu")
-    h = model.forward(torch.tensor(ids), torch.arange(len(ids)), kv, meta)
-    return model.compute_logits(h[-1:])[0]
+    return step_logits(model, cpu_backend(model.config, 1, 64), [(ids, 0, [0])])[-1]
 
 
 _greedy_cache: dict[tuple[int, ...], list[int]] = {}
@@ -81,6 +78,121 @@ def test_greedy_matches_a_plain_recompute_loop(model, kw):
         assert out.num_cached_tokens == 8 and e.block_manager.num_hit_blocks >= 2
     if "num_kv_blocks" in kw:
         assert e.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+def test_every_attention_backend_gives_the_tokens_of_the_plain_loop(model, backend):
+    """Steps that mix decodes with prefill chunks, then decode-only steps (through the runner's
+    static decode buffers where the backend has them). Triton runs interpreted without a GPU."""
+    from nucleus.kernels import cpu as cpu_kernels
+    from nucleus.kernels.triton import triton_usable
+
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    if backend == "triton" and not triton_usable("cpu"):
+        pytest.skip("Triton is not installed")
+    fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)  # same weights
+    if backend == "triton":
+        from nucleus.ops.triton_ops import TritonOps
+
+        fresh.bind_kernels(ops=TritonOps(max_positions=64))
+    e = engine(fresh, attention_backend=backend, max_num_batched_tokens=12)
+    assert e.runner.attention.name == backend
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for prompt, out in zip(PROMPTS, e.generate(PROMPTS, params), strict=True):
+        assert out.outputs[0].token_ids == naive_greedy(model, prompt, 8)
+    assert e.block_manager.num_used_blocks == 0
+
+
+def penalized_greedy(model, prompt, n, rep, freq, pres) -> list[int]:
+    """The plain loop with the penalties applied by hand to each step's logits (vLLM's
+    repetition penalty over prompt and output; OpenAI's frequency and presence over output)."""
+    ids = list(prompt)
+    for _ in range(n):
+        x = naive_logits(model, ids).clone()
+        out = ids[len(prompt) :]
+        for t in set(ids):
+            x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+        for t in set(out):
+            x[t] -= freq * out.count(t) + pres
+        ids.append(int(x.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_penalty_counts_kept_on_the_device_give_the_plain_loop(model, backend):
+    rep, freq, pres = 1.3, 0.4, 0.25
+    params = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True,
+        repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+    )  # fmt: skip
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    e = triton_engine() if backend == "triton" else engine(model)
+    outs = e.generate(PROMPTS, [params, plain, params, plain])
+    for i in (0, 2):
+        expected = penalized_greedy(model, PROMPTS[i], 10, rep, freq, pres)
+        assert outs[i].outputs[0].token_ids == expected
+    assert outs[1].outputs[0].token_ids == naive_greedy(model, PROMPTS[1], 10)
+    assert not e.runner.penalties.rows  # released with their requests
+
+
+def triton_engine(**kw) -> LLMEngine:
+    """The engine on the Triton backend and ops (interpreted without a GPU): decode steps run on
+    the runner's static buffers, which async scheduling needs."""
+    from nucleus.kernels.triton import triton_usable
+    from nucleus.ops.triton_ops import TritonOps
+
+    if not triton_usable("cpu"):
+        pytest.skip("Triton is not installed")
+    fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)
+    fresh.bind_kernels(ops=TritonOps(max_positions=64))
+    return engine(fresh, attention_backend="triton", **kw)
+
+
+def test_async_scheduling_gives_the_outputs_of_the_synchronous_loop(monkeypatch):
+    """Steps launched ahead (their tokens read on the device) end as the synchronous loop does:
+    by stop token, stop string, length, and abort, with seeded sampling and n > 1."""
+    requests = [
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=9, stop_token_ids=[29])),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["C"])),
+        (PROMPTS[2], SamplingParams(temperature=1.0, seed=7, max_tokens=10, n=2, logprobs=1)),
+        (PROMPTS[3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)),
+        (PROMPTS[0][:4], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)),
+        (
+            PROMPTS[1],
+            SamplingParams(temperature=0, max_tokens=9, min_tokens=4, frequency_penalty=1.0),
+        ),
+    ]
+    runs = {}
+    for overlap in (False, True):
+        e = triton_engine(async_scheduling=overlap)
+        ahead = []
+        launch = e.runner.launch
+        monkeypatch.setattr(
+            e.runner,
+            "launch",
+            lambda b, after=None, masks=None, ahead=ahead, launch=launch: (
+                ahead.append(after) or launch(b, after, masks)
+            ),
+        )
+        for i, (prompt, params) in enumerate(requests):
+            e.add_request(f"r{i}", prompt, params)
+        finals, steps = {}, 0
+        while e.has_unfinished():
+            steps += 1
+            if steps == 4:
+                e.abort("r4")
+            finals.update({o.request_id: o for o in e.step() if o.finished})
+        runs[overlap] = [
+            [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in finals[f"r{i}"].outputs]
+            for i in range(len(requests))
+        ]
+        assert (sum(a is not None for a in ahead) > 0) == overlap
+        while e._ahead is not None:  # a step launched for sequences that then ended
+            e.step()
+        assert e.block_manager.num_used_blocks == 0
+    assert runs[True] == runs[False]
+    assert runs[True][0][0][2] == "stop" and runs[True][4][0][2] == "abort"
 
 
 def test_seeded_request_alone_or_in_a_batch(model):

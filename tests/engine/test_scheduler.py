@@ -52,6 +52,26 @@ def test_prefill_then_decode_then_length_finish_frees_blocks():
     assert not s.has_unfinished()
 
 
+def test_admission_in_groups_waits_for_free_slots_or_a_bounded_number_of_steps():
+    """GPU policy: while sequences decode, waiting ones are admitted together once `admit_group`
+    slots are free (or all of them fit), or after `admit_max_wait` steps held back."""
+    s = make(num_blocks=64, max_num_seqs=4, admit_group=2, admit_max_wait=3)
+    first = [seq([1, 2], rid=f"a{i}", max_tokens=20 if i else 2) for i in range(4)]
+    for q in first:
+        s.add(q)
+    step(s)  # all four admitted: nothing was running
+    assert len(s.running) == 4
+    late = [seq([3, 4], rid=f"b{i}") for i in range(3)]
+    for q in late:
+        s.add(q)
+    step(s)  # a0 ends: one slot free, fewer than the group of 2 and than the 3 waiting
+    assert first[0].is_finished and len(s.waiting) == 3
+    held = [step(s) for _ in range(3)]  # held back 3 steps: decodes only
+    assert all(late[0] not in b.seqs for b in held)
+    assert late[0] in step(s).seqs  # the wait bound reached: admitted where there is room
+    assert len(s.waiting) == 2
+
+
 def test_decodes_go_first_and_a_long_prompt_is_chunked_within_the_budget():
     s = make(num_blocks=32, max_num_batched_tokens=8, max_model_len=64)
     a = seq([1, 2, 3])
@@ -214,6 +234,25 @@ def test_a_large_n_cannot_keep_a_new_request_out():
     assert sum(x.status is SequenceStatus.RUNNING for x in big) == 3
     step(s)  # its slot is free again: big takes it back (recomputing its prompt and output)
     assert sum(x.status is SequenceStatus.RUNNING for x in big) == 4
+
+
+def test_with_admission_in_groups_a_newcomer_gets_room_and_waits_at_most_admit_max_wait():
+    """GPU policy: no decode step is launched ahead while a newcomer needs a slot made; once it
+    has one, steps launched ahead count towards admit_max_wait like the others."""
+    s = make(num_blocks=64, max_num_seqs=4, admit_group=2, admit_max_wait=3)
+    big = many(4, [1, 2, 3], "big", max_tokens=50, ignore_eos=True)
+    for x in big:
+        s.add(x)
+    batch = step(s)  # all four admitted: nothing was running
+    new = seq([4, 5], "new", max_tokens=1)
+    s.add(new)
+    assert s.schedule_ahead(batch) is None  # it needs a slot made: decided in schedule()
+    batch = step(s)
+    assert batch.preempted == [big[3]] and new.status is SequenceStatus.WAITING  # 1 free < 2
+    assert s.schedule_ahead(batch) is not None  # held back, decodes go ahead: 2 steps
+    assert s.schedule_ahead(batch) is not None  # 3
+    assert s.schedule_ahead(batch) is None  # admission due
+    assert new in s.schedule().seqs
 
 
 def test_a_request_holding_one_slot_is_not_preempted_for_a_newcomer():

@@ -1,25 +1,32 @@
 """The C kernels of `nucleus.kernels.cpu` against torch on the same inputs.
 
-Oracles: a float64 torch product of the dequantized weight (block-int8 linear), the portable torch
-attention (`nucleus.attention.paged_attention`, itself checked against transformers) for decode
-and prefill attention, float64 formulas for RMSNorm and RoPE, `index_copy_` for the KV store.
+Oracles: a float64 torch product of the dequantized weight (block-int8 linear), the reference
+attention backend (`nucleus.attention.ReferenceBackend`, itself checked against transformers) for
+decode and prefill attention, float64 formulas for RMSNorm and RoPE, `index_copy_` for the KV
+store.
 Tolerance: 1e-5 relative (float32; only the summation order differs).
 """
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from steps import paged_cache
 
-from nucleus.attention import AttentionMetadata, paged_attention
+from nucleus.attention import KVCache, ReferenceBackend, TorchBackend, select_backend
+from nucleus.attention.cpu import CpuBackend
 from nucleus.kernels import cpu as cpu_kernels
 from nucleus.kernels.cpu import BlockInt8Weight, block_int8_linear, paged_decode_attention
+from nucleus.ops import TorchOps
 
 pytestmark = pytest.mark.skipif(
-    cpu_kernels._load() is None, reason="no C compiler: the CPU kernels are not built"
+    not cpu_kernels.available(), reason="no C compiler: the CPU kernels are not built"
 )
+
+
+def one_layer(backend_cls, cache_k: torch.Tensor, cache_v: torch.Tensor):
+    """A backend over a one-layer cache made of these tensors."""
+    return backend_cls(KVCache(cache_k[None], cache_v[None]))
 
 
 def random_block_int8(n: int, k: int, *, signed: bool, seed: int) -> BlockInt8Weight:
@@ -63,6 +70,14 @@ def test_block_int8_linear_equals_the_float64_product(rows, n, k, signed):
     assert_close(block_int8_linear(x, w), ref)
 
 
+def test_block_int8_linear_keeps_leading_dimensions_as_f_linear_does():
+    w = random_block_int8(32, 64, signed=True, seed=5)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    ours = block_int8_linear(x, w)
+    assert ours.shape == (2, 3, 32)
+    assert_close(ours, torch.nn.functional.linear(x.double(), w.dequantize().double()))
+
+
 def test_block_int8_linear_takes_a_non_contiguous_input_and_checks_width():
     w = random_block_int8(32, 64, signed=True, seed=1)
     x = torch.randn(64, 10).T  # (10, 64), not contiguous
@@ -80,18 +95,10 @@ def test_block_int8_linear_propagates_nan():
 
 
 def _paged_setup(contexts, n_heads, n_kv, head_dim, block_size=16, seed=0):
-    rng = random.Random(seed)
-    blocks_needed = [-(-c // block_size) for c in contexts]
-    ids = list(range(sum(blocks_needed) + 3))
-    rng.shuffle(ids)
-    tables, start = [], 0
-    for nb in blocks_needed:
-        tables.append(ids[start : start + nb])
-        start += nb
-    g = torch.Generator().manual_seed(seed)
-    shape = (len(ids), block_size, n_kv, head_dim)
-    cache_k, cache_v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    q = torch.randn(len(contexts), n_heads, head_dim, generator=g)
+    cache_k, cache_v, tables = paged_cache(
+        contexts, n_kv, head_dim, block_size=block_size, seed=seed
+    )
+    q = torch.randn(len(contexts), n_heads, head_dim, generator=torch.Generator().manual_seed(seed))
     return q, cache_k, cache_v, tables
 
 
@@ -101,8 +108,9 @@ def _paged_setup(contexts, n_heads, n_kv, head_dim, block_size=16, seed=0):
 def test_paged_decode_attention_equals_the_torch_backend(n_heads, n_kv, head_dim):
     contexts = [1, 5, 16, 17, 40, 130, 300]
     q, cache_k, cache_v, tables = _paged_setup(contexts, n_heads, n_kv, head_dim)
-    meta = AttentionMetadata.build([1] * len(contexts), contexts, tables, 16, "cpu")
-    ref = paged_attention(q, cache_k, cache_v, meta)  # no plan: the reference arithmetic
+    reference = one_layer(ReferenceBackend, cache_k, cache_v)
+    meta = reference.build_metadata([1] * len(contexts), contexts, tables)
+    ref = reference.forward(q, cache_k, cache_v, meta)
     width = max(map(len, tables))
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     ours = paged_decode_attention(q, cache_k, cache_v, padded, torch.tensor(contexts))
@@ -119,21 +127,20 @@ def test_paged_decode_attention_propagates_nan_in_the_cache_of_that_sequence_onl
 
 
 def _planned_against_reference(q_lens, contexts, n_heads, n_kv, head_dim, seed=3, edit=None):
-    """The engine's planned attention and the unplanned torch reference on the same inputs."""
+    """The CPU backend (the engine's planned attention) and the reference on the same inputs."""
     _, cache_k, cache_v, tables = _paged_setup(contexts, n_heads, n_kv, head_dim, seed=seed)
     if edit is not None:
         edit(cache_k, cache_v, tables)
     q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(seed))
-    planned = AttentionMetadata.build(q_lens, contexts, tables, 16, "cpu", planned=True)
+    cpu = one_layer(CpuBackend, cache_k, cache_v)
     with torch.inference_mode():  # as the model runs (the torch path reuses inference buffers)
-        ours = paged_attention(q, cache_k, cache_v, planned)
-    ref = paged_attention(
-        q, cache_k, cache_v, AttentionMetadata.build(q_lens, contexts, tables, 16, "cpu")
-    )
+        ours = cpu.forward(q, cache_k, cache_v, cpu.build_metadata(q_lens, contexts, tables))
+    reference = one_layer(ReferenceBackend, cache_k, cache_v)
+    ref = reference.forward(q, cache_k, cache_v, reference.build_metadata(q_lens, contexts, tables))
     return ours, ref
 
 
-def test_the_engine_attention_plan_uses_the_kernels_and_agrees_with_the_torch_path(monkeypatch):
+def test_the_cpu_backend_uses_the_kernels_and_agrees_with_the_reference(monkeypatch):
     calls = []
     for name in ("paged_decode_attention", "paged_prefill_attention"):
         real = getattr(cpu_kernels, name)
@@ -168,9 +175,10 @@ def test_prefill_attention_is_causal_even_for_nan_values_at_later_positions():
 
 
 def test_prefill_attention_needs_a_head_size_of_a_multiple_of_16():
-    cache = torch.zeros(1, 16, 1, 24)
-    assert not cpu_kernels.prefill_attention_available(torch.zeros(2, 4, 24), cache)
-    ours, ref = _planned_against_reference([5, 9], [5, 20], 4, 1, 24)  # the torch path
+    assert not one_layer(
+        CpuBackend, torch.zeros(1, 16, 1, 24), torch.zeros(1, 16, 1, 24)
+    ).prefill_kernel
+    ours, ref = _planned_against_reference([5, 9], [5, 20], 4, 1, 24)  # the torch prefill
     assert_close(ours, ref)
 
 
@@ -178,15 +186,12 @@ def test_without_a_compiler_nothing_is_built_and_the_torch_paths_run(monkeypatch
     monkeypatch.setattr(cpu_kernels, "_library", None)
     monkeypatch.setattr(cpu_kernels, "_unavailable", False)
     monkeypatch.setenv("NUCLEUS_CPU_KERNELS", "0")
-    x = torch.randn(3, 64)
-    assert not cpu_kernels.block_linear_available(x)
-    assert not cpu_kernels.decode_attention_available(x.view(3, 1, 64), torch.zeros(1, 16, 1, 64))
+    from nucleus.ops import select_ops
 
-    from nucleus.model import linear
-
-    w = random_block_int8(32, 64, signed=True, seed=4)
-    dense = w.dequantize()
-    assert torch.equal(linear(x, dense, w), torch.nn.functional.linear(x, dense))
+    assert not cpu_kernels.available()
+    assert select_ops(torch.device("cpu"), torch.float32, 64).name == "torch"
+    kv = KVCache(torch.zeros(1, 1, 16, 1, 64), torch.zeros(1, 1, 16, 1, 64))
+    assert type(select_backend(kv)) is TorchBackend
 
 
 def test_a_failing_compiler_leaves_the_torch_paths(monkeypatch, tmp_path, caplog):
@@ -221,15 +226,13 @@ def test_rms_norm_equals_the_reference_formula(shape):
     assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), ref)
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 4100, 40000])
-def test_silu_mul_equals_the_reference_formula_in_place(n):
-    g = torch.Generator().manual_seed(n)
-    a, b = torch.randn(n, generator=g) * 6, torch.randn(n, generator=g)
-    a[0] = -100.0  # far in the saturated tail: silu is ~0 there, not NaN
-    ref = torch.nn.functional.silu(a) * b  # the torch twin nucleus.model runs without the kernel
-    out = cpu_kernels.silu_mul(a, b)
-    assert out is a
-    assert_close(out, ref)
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 1), (1, 7), (3, 8), (2, 4100), (33, 1536)])
+def test_silu_mul_equals_the_reference_formula(rows, hidden):
+    g = torch.Generator().manual_seed(rows * hidden)
+    gate_up = torch.randn(rows, 2 * hidden, generator=g) * 6
+    gate_up[0, 0] = -100.0  # far in the saturated tail: silu is ~0 there, not NaN
+    ref = TorchOps().silu_mul(gate_up)  # the torch twin
+    assert_close(cpu_kernels.silu_mul(gate_up), ref)
 
 
 def test_elementwise_kernels_propagate_nan():
@@ -237,8 +240,8 @@ def test_elementwise_kernels_propagate_nan():
     x[1, 7] = float("nan")
     y = cpu_kernels.rms_norm(x, torch.ones(64), 1e-5)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
-    a = torch.tensor([float("nan"), 1.0] * 8)
-    assert torch.isnan(cpu_kernels.silu_mul(a, torch.ones(16))[::2]).all()
+    gate_up = torch.tensor([[float("nan"), 1.0] * 8 + [1.0] * 16])
+    assert torch.isnan(cpu_kernels.silu_mul(gate_up)[0, ::2]).all()
 
 
 @pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(1, 9, 64), (37, 3, 64), (600, 8, 128)])
@@ -253,6 +256,19 @@ def test_rotary_equals_the_complex_product_in_place(tokens, heads, head_dim):
     assert_close(out, torch.view_as_real(exact).flatten(-2))
     with pytest.raises(ValueError, match="does not fit"):
         cpu_kernels.rotary_(x, freqs_cis[:, :-1].contiguous())
+
+
+def test_rotary_of_the_q_and_k_heads_of_fused_qkv_rows_leaves_v_alone():
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, generator=g)  # 4 Q heads, 2 K heads, 2 V heads
+    before = qkv.clone()
+    angles = torch.rand(5, 8, generator=g) * 100
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)
+    qk = qkv[:, : 6 * 16].view(5, 6, 16)  # strided: each row skips the V heads
+    cpu_kernels.rotary_(qk, freqs_cis)
+    ref = TorchOps().rotary(before[:, : 6 * 16].view(5, 6, 16), freqs_cis)
+    assert_close(qkv[:, : 6 * 16].reshape(5, 6, 16), ref)
+    assert torch.equal(qkv[:, 6 * 16 :], before[:, 6 * 16 :])
 
 
 def test_write_kv_equals_index_copy_and_refuses_slots_outside_the_cache():

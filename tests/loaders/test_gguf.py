@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from steps import cpu_backend, step_logits
 
 from nucleus.config import RopeScaling
 from nucleus.loaders import gguf as gguf_loader
@@ -355,16 +356,13 @@ def test_default_model_weights_equal_transformers(smollm2_checkpoint, transforme
 
 @pytest.mark.slow
 def test_default_model_logits_equal_transformers(smollm2_checkpoint, transformers_model):
-    from nucleus.attention import AttentionMetadata, KVCache
     from nucleus.loaders import build_transformer
 
     config, weights = smollm2_checkpoint
     model = build_transformer(config, weights, device="cpu", dtype=torch.float32)
     ids = [1, 4093, 198, 19556, 905, 17, 216, 33, 34, 35, 2, 198, 1, 520, 9531, 198, 504, 3575]
-    kv = KVCache.allocate(config, 2, 16, torch.float32, "cpu")
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[1, 0]], 16, "cpu")
     with torch.no_grad():
-        ours = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), kv, meta))
+        ours = step_logits(model, cpu_backend(config, 2, 16), [(ids, 0, [1, 0])])
         ref = transformers_model(torch.tensor([ids])).logits[0].float()
     assert (ours - ref).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
@@ -402,28 +400,24 @@ def test_default_model_logits_through_the_cpu_kernels_equal_transformers(
 ):
     # The default model's Q4_1/Q8_0 matrices run through nucleus.kernels (block-int8 products,
     # paged decode attention). Oracle: transformers on the same GGUF, prefill then decode steps.
-    from nucleus.attention import AttentionMetadata, KVCache
+    from nucleus.attention.cpu import CpuBackend
     from nucleus.kernels import cpu as cpu_kernels
     from nucleus.loaders import build_transformer
 
-    if cpu_kernels._load() is None:
+    if not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernels are not built")
     config, weights = smollm2_checkpoint
     packed = gguf_loader.read_block_int8(smollm2_gguf)
     assert len(packed) == 1 + 7 * config.n_layers  # every matrix, and the tied Q8_0 head
     model = build_transformer(config, weights, device="cpu", dtype=torch.float32, block_int8=packed)
-    assert model.lm_head_block_int8 is packed["tok_embeddings.weight"]
+    assert model.output.block_int8 is packed["tok_embeddings.weight"]
+    assert model.layers[0].attention.wqkv.block_int8 is not None  # Q, K and V fused
     ids = [1, 4093, 198, 19556, 905, 17, 216, 33, 34, 35, 2, 198, 1, 520, 9531, 198, 504, 3575]
     prompt, steps = ids[:10], ids[10:]
-    kv = KVCache.allocate(config, 2, 16, torch.float32, "cpu")
-    table = [[1, 0]]
-    meta = AttentionMetadata.build([len(prompt)], [len(prompt)], table, 16, "cpu", planned=True)
-    rows = [model.compute_logits(model(torch.tensor(prompt), torch.arange(len(prompt)), kv, meta))]
+    backend = cpu_backend(config, 2, 16, CpuBackend)
+    rows = [step_logits(model, backend, [(prompt, 0, [1, 0])])]
     for pos, token in enumerate(steps, start=len(prompt)):
-        meta = AttentionMetadata.build([1], [pos + 1], table, 16, "cpu", planned=True)
-        rows.append(
-            model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), kv, meta))
-        )
+        rows.append(step_logits(model, backend, [([token], pos, [1, 0])]))
     ours = torch.cat(rows)
     with torch.no_grad():
         ref = transformers_model(torch.tensor([ids])).logits[0].float()

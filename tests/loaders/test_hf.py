@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 from checkpoints import LLAMA3, LLAMA31, LLAMA32, hf_logits, hf_model, random_meta_weights, rel_err
+from steps import cpu_backend, step_logits
 
-from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.loaders import CheckpointError, build_transformer
 from nucleus.loaders.hf import load_hf_checkpoint
 
@@ -19,9 +19,7 @@ from nucleus.loaders.hf import load_hf_checkpoint
 def nucleus_logits(model_dir, ids):
     config, weights = load_hf_checkpoint(model_dir)
     model = build_transformer(config, weights, device="cpu", dtype=torch.float32)
-    kv = KVCache.allocate(config, 4, 16, torch.float32, "cpu")
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1, 2, 3]], 16, "cpu")
-    return config, model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), kv, meta))
+    return config, step_logits(model, cpu_backend(config, 4, 16), [(list(ids), 0, [0, 1, 2, 3])])
 
 
 @pytest.mark.parametrize(

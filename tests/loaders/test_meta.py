@@ -16,8 +16,8 @@ from checkpoints import (
     rel_err,
     write_meta_checkpoint,
 )
+from steps import cpu_backend, step_logits
 
-from nucleus.attention import AttentionMetadata, KVCache
 from nucleus.loaders import CheckpointError, build_transformer
 from nucleus.loaders.meta import load_meta_checkpoint
 
@@ -43,9 +43,7 @@ def test_merged_shards_give_transformers_logits(tmp_path, weights):
     config, loaded = load_meta_checkpoint(tmp_path)
     model = build_transformer(config, loaded, device="cpu", dtype=torch.float32)
     ids = list(range(1000, 1020))
-    kv = KVCache.allocate(config, 2, 16, torch.float32, "cpu")
-    meta = AttentionMetadata.build([20], [20], [[0, 1]], 16, "cpu")
-    logits = model.compute_logits(model(torch.tensor(ids), torch.arange(20), kv, meta))
+    logits = step_logits(model, cpu_backend(config, 2, 16), [(list(ids), 0, [0, 1])])
     assert rel_err(logits, hf_logits(hf_model(LLAMA3, weights), ids)) <= 1e-5
 
 
