@@ -21,21 +21,15 @@ import asyncio
 import json
 import os
 import platform
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from common import DOCS, REPO, cpu_name, start_server, stop_server, update_docs_section
 
-REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench/serve.py:begin -->", "<!-- bench/serve.py:end -->"
 PROMPTS = [
     "Write a short story about a robot learning to paint.",
@@ -210,57 +204,10 @@ def _offline(args: argparse.Namespace, level: LevelResult) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, Path]:
-    port = _free_port()
-    log = Path(tempfile.mkstemp(prefix="nucleus-bench-serve-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "nucleus.server.serve", "--port", str(port)]
-    cmd += ["--served-model-name", "bench", "--log-level", "warning"]
-    if args.model:
-        cmd += ["--model", args.model]
-    cmd += args.server_arg
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    sys.exit("server did not start")
-
-
-def _cpu_model() -> str:
-    """The processor's name as `lscpu` gives it (platform's guess where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        match = re.search(r"^Model name:\s*(.+)$", out, re.M)
-        if match:
-            return match.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _device(server_args: list[str]) -> str:
     if any("cuda" in a for a in server_args):
         return f"CUDA (server flags {' '.join(server_args)})"
-    return f"{_cpu_model()} CPU, {os.cpu_count()} cores, {platform.system()}"
+    return f"{cpu_name()} CPU, {os.cpu_count()} cores, {platform.system()}"
 
 
 def _torch_version() -> str:
@@ -288,14 +235,7 @@ def _update_docs(table: str, meta: dict) -> None:
         "time. Regenerate with the command above.\n\n"
         f"{table}\n{END}\n"
     )
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"  # re-read right before
-    if BEGIN in text and END in text:
-        text = re.sub(
-            re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text)
+    update_docs_section(BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         url = args.url.rstrip("/")
     else:
-        proc, url, log = _start_server(args)
+        flags = ["--served-model-name", "bench", "--log-level", "warning"]
+        flags += ["--model", args.model] if args.model else []
+        proc, url, log = start_server(flags + args.server_arg, prefix="nucleus-bench-serve-")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
@@ -334,11 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             levels.append(asyncio.run(_level(url, headers, model, c, n, args.max_tokens)))
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     table = _table(levels)
     print(table)
     offline = None

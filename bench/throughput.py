@@ -21,24 +21,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from common import cpu_name
 
 
 def measure_bandwidth(mb: int = 512) -> float:

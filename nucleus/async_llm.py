@@ -22,9 +22,14 @@ Failure handling (one request never takes the others down):
   ends (a worker process died or failed: `TensorParallelError`), every open stream ends with an
   error and new requests raise `EngineDeadError`.
 
-`max_waiting` bounds the requests queued and not yet running: beyond it `generate` raises
-`QueueFull` at once (the server answers 503). `shutdown()` aborts every request (their streams end
-with finish_reason "abort") and stops the thread.
+`max_waiting` bounds the sequences (`n` per request) queued and not yet running: beyond it
+`generate` raises `QueueFull` at once (the server answers 503), and a request of more than
+`max_waiting` sequences, which could never be queued, raises ValueError. Text prompts are tokenized
+in a worker thread, neither on the event loop nor on the engine thread; one too long to fit the
+context is refused before it is tokenized. The scheduler's fairness (docs/scheduling.md) holds
+for every caller: a request with a large `n` or a long prompt cannot hold the others back.
+`shutdown()` aborts every request (their streams end with finish_reason "abort") and stops the
+thread.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ __all__ = ["AsyncLLM", "EngineDeadError", "QueueFull"]
 
 
 class QueueFull(RuntimeError):
-    """More requests are waiting than `max_waiting` allows: try again later (HTTP 503)."""
+    """More sequences would wait than `max_waiting` allows: try again later (HTTP 503)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -66,6 +71,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    tokenizing: asyncio.Task | None = None  # a text prompt being tokenized before it is queued
 
 
 def error_output(
@@ -146,15 +152,15 @@ class AsyncLLM:
     def _setup(
         self, engine: LLMEngine, chat_format: Any, model_name: str, max_waiting: int | None
     ) -> None:
-        if max_waiting is not None and max_waiting < 0:
-            raise ValueError("max_waiting must be >= 0 or None")
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1 or None")
         self.engine = engine
         self.chat_format = chat_format
         self.model_name = model_name
         self.max_waiting = max_waiting
         self._streams: dict[str, _Stream] = {}
         self._commands: list[tuple[str, Any]] = []
-        self._num_pending_adds = 0
+        self._num_pending_adds = 0  # sequences of requests not yet handed to the engine
         self._cv = threading.Condition()
         self._stopping = False
         self._dead: BaseException | None = None
@@ -171,6 +177,10 @@ class AsyncLLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        return self.engine.max_prompt_chars
 
     @property
     def is_running(self) -> bool:
@@ -191,7 +201,8 @@ class AsyncLLM:
         waiting = {seq.request_id for seq in list(self.engine.scheduler.waiting)} - running
         return {
             "running": len(running),
-            "waiting": len(waiting) + self._num_pending_adds,
+            "waiting": len(waiting) + sum(1 for c in list(self._commands) if c[0] == "add"),
+            "waiting_sequences": self._num_waiting(),
             "kv_cache_usage": s["kv_cache_usage"],
             "num_requests": len(self._streams),
             "num_preemptions": s["num_preemptions"],
@@ -204,8 +215,8 @@ class AsyncLLM:
         }
 
     def _num_waiting(self) -> int:
-        waiting = {seq.request_id for seq in list(self.engine.scheduler.waiting)}
-        return len(waiting) + self._num_pending_adds
+        """Sequences waiting: in the scheduler's queue, or not yet handed to the engine."""
+        return len(self.engine.scheduler.waiting) + self._num_pending_adds
 
     # ---- requests ---------------------------------------------------------------------------
     def generate(
@@ -217,10 +228,11 @@ class AsyncLLM:
         """Start a request; returns an async iterator of its cumulative outputs.
 
         Call it from a coroutine. Raises at once (not at the first iteration) `QueueFull` when
-        `max_waiting` requests are already waiting, `ValueError` for a request id in use, and
-        `EngineDeadError` after `shutdown` or if the engine thread died. Everything else that goes
-        wrong with the request ends its stream with finish_reason "error". Leaving the iteration
-        early (a client gone) aborts the request.
+        the request's `n` sequences would take the waiting sequences over `max_waiting`,
+        `ValueError` for a request id in use, an `n` over `max_waiting` or a text too long to fit
+        the context, and `EngineDeadError` after `shutdown` or if the engine thread died.
+        Everything else that goes wrong with the request ends its stream with finish_reason
+        "error". Leaving the iteration early (a client gone) aborts the request.
         """
         loop = asyncio.get_running_loop()
         if self._dead is not None or self._stopping or not self._thread.is_alive():
@@ -233,16 +245,57 @@ class AsyncLLM:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if self.max_waiting is not None and self._num_waiting() >= self.max_waiting:
-            raise QueueFull(f"{self.max_waiting} requests are already waiting: try again later")
+        if self.max_waiting is not None:
+            if params.n > self.max_waiting:
+                raise ValueError(
+                    f"n={params.n} sequences can never wait in a queue of {self.max_waiting}"
+                )
+            waiting = self._num_waiting()
+            if waiting + params.n > self.max_waiting:
+                raise QueueFull(
+                    f"{waiting} sequences are waiting, at most {self.max_waiting}: try again later"
+                )
+        if isinstance(prompt, str):
+            self.engine.check_prompt_text(prompt)
         stream = _Stream(request_id, loop)
         self._streams[request_id] = stream
-        prompt = prompt if isinstance(prompt, str) else list(prompt)
         with self._cv:
-            self._num_pending_adds += 1
-            self._commands.append(("add", (request_id, prompt, params)))
-            self._cv.notify()
+            self._num_pending_adds += params.n
+        if isinstance(prompt, str):
+            stream.tokenizing = loop.create_task(self._tokenize_then_add(stream, prompt, params))
+        else:
+            self._add(request_id, list(prompt), params)
         return self._iterate(stream)
+
+    def _add(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        ids: list[int] | None = None,
+    ) -> None:
+        """Hand a request to the engine thread (on the event loop; `ids`: the text's tokens)."""
+        with self._cv:
+            if not self._stopping:
+                self._commands.append(("add", (request_id, prompt, params, ids)))
+                self._cv.notify()
+                return
+            self._num_pending_adds -= params.n
+        stream = self._streams.get(request_id)  # shut down while the text was tokenized
+        if stream is not None:
+            stream.queue.put_nowait(error_output(request_id, prompt, params, "engine shut down"))
+
+    async def _tokenize_then_add(self, stream: _Stream, text: str, params: SamplingParams) -> None:
+        try:
+            ids = await asyncio.to_thread(self.engine.tokenizer.encode_prompt, text)
+        except BaseException as e:  # cancelled (the consumer left) or refused
+            with self._cv:
+                self._num_pending_adds -= params.n
+            if isinstance(e, Exception):
+                stream.queue.put_nowait(error_output(stream.request_id, text, params, str(e)))
+                return
+            raise
+        self._add(stream.request_id, text, params, ids)
 
     async def _iterate(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
         try:
@@ -259,6 +312,8 @@ class AsyncLLM:
             if self._streams.get(stream.request_id) is stream:
                 del self._streams[stream.request_id]
             if not stream.finished:
+                if stream.tokenizing is not None:
+                    stream.tokenizing.cancel()  # then nothing is queued; else the abort follows it
                 self.abort(stream.request_id)
 
     def abort(self, request_id: str) -> None:
@@ -291,13 +346,14 @@ class AsyncLLM:
         engine = self.engine
         for kind, arg in commands:
             if kind == "add":
-                request_id, prompt, params = arg
-                with self._cv:
-                    self._num_pending_adds -= 1
+                request_id, prompt, params, ids = arg
                 try:
-                    engine.add_request(request_id, prompt, params)
+                    engine.add_request(request_id, prompt, params, prompt_token_ids=ids)
                 except Exception as e:  # refused: this request alone ends with the error
                     self._deliver([error_output(request_id, prompt, params, str(e))])
+                finally:  # once queued (counted twice a moment, never not at all)
+                    with self._cv:
+                        self._num_pending_adds -= params.n
             elif kind == "abort":
                 engine.abort(arg)
 

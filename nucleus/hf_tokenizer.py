@@ -22,6 +22,7 @@ encodes to their id (as llama.cpp with `parse_special=True`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -212,7 +213,8 @@ class HFTokenizer:
         if not isinstance(s, str):
             raise TypeError(f"encode: argument 's' must be a str, got {type(s).__name__}")
         tok = self.tokenizer if special else self._plain_tokenizer()
-        ids = tok.encode(s, add_special_tokens=False).ids if s else []
+        # encode_batch releases the GIL (encode does not): other threads run meanwhile.
+        ids = tok.encode_batch([s], add_special_tokens=False)[0].ids if s else []
         if bos:
             if self.bos_id < 0:
                 raise ValueError(f"{self.name}: has no BOS token")
@@ -260,6 +262,14 @@ class HFTokenizer:
             spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t["special"]]
             self._plain = Tokenizer.from_str(json.dumps(spec))
         return self._plain
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: a text of more than
+        `k * max_token_chars` characters cannot encode to `k` tokens or fewer. A token's own
+        string is never shorter than its text (a byte-level symbol per byte, `▁` per space,
+        `<0xNN>` per fallback byte)."""
+        return max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True))
 
     def _check_ids(self, t: Sequence[int], caller: str) -> list[int]:
         return check_token_ids(t, self.n_words, caller)

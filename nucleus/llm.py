@@ -153,8 +153,8 @@ class LLM:
             Programs that use it need an `if __name__ == "__main__":` guard (the workers are
             started with `spawn`, which imports the main module).
         **engine_options: `EngineConfig` fields: `block_size`, `num_kv_blocks`, `max_num_seqs`,
-            `max_num_batched_tokens`, `max_model_len`, `enable_prefix_caching`, `kv_dtype`,
-            `memory_fraction`.
+            `max_num_batched_tokens`, `context_cost_tokens` (docs/scheduling.md),
+            `max_model_len`, `enable_prefix_caching`, `kv_dtype`, `memory_fraction`.
     """
 
     def __init__(

@@ -275,6 +275,12 @@ class Tokenizer:
         """
         return self.model.decode_single_token_bytes(self._check_ids([token_id], "token_bytes")[0])
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its bytes bound them): a text of more
+        than `k * max_token_chars` characters cannot encode to `k` tokens or fewer."""
+        return max(len(self.model.decode_single_token_bytes(i)) for i in range(self.n_words))
+
     def _check_ids(self, t: Sequence[int], caller: str) -> list[int]:
         return check_token_ids(t, self.n_words, caller)
 

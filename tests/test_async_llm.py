@@ -102,15 +102,66 @@ def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(model, monke
     llm.shutdown()
 
 
-def test_queue_full_leaving_early_and_shutdown(model):
-    llm = make(model, max_waiting=0)
+def test_the_queue_bound_counts_sequences(model):
+    """max_waiting bounds waiting sequences (n of them per request): one slot taken, a request
+    of n=2 waits; a third request would make 3 > 2 wait (QueueFull); n=3 could never wait."""
+    config = EngineConfig(num_kv_blocks=64, block_size=4, max_num_seqs=1)
+    llm = AsyncLLM.from_engine(LLMEngine(model, ToyTokenizer(V), config), max_waiting=2)
 
-    async def full():
+    async def main():
+        with pytest.raises(ValueError, match="never"):
+            llm.generate([5], SamplingParams(n=3, max_tokens=2))
+        running = llm.generate([5], SamplingParams(max_tokens=60, ignore_eos=True))
+        await running.__anext__()  # it holds the only slot
+        two = llm.generate([6], SamplingParams(n=2, max_tokens=2, ignore_eos=True))
         with pytest.raises(QueueFull):
-            llm.generate([5], greedy(2))
+            llm.generate([7], greedy(2))
+        await running.aclose()
+        return [o async for o in two][-1]
 
-    asyncio.run(full())
+    out = asyncio.run(main())
+    assert [o.finish_reason for o in out.outputs] == ["length", "length"]
     llm.shutdown()
+
+
+def test_a_caller_with_a_large_n_cannot_starve_another(model):
+    """n=8 on 4 slots: the other 4 sequences wait for a slot, the newcomer does not (the
+    scheduler makes room for it, docs/scheduling.md). Under first-come-first-served it would wait
+    for 4 sequences of 60 tokens."""
+    config = EngineConfig(num_kv_blocks=64, block_size=4, max_num_seqs=4)
+    llm = AsyncLLM.from_engine(LLMEngine(model, ToyTokenizer(V), config))
+
+    async def main():
+        big = llm.generate([5, 6], SamplingParams(n=8, max_tokens=60, ignore_eos=True), "big")
+        await big.__anext__()
+        small = await collect(llm, [7, 8], greedy(2), "small")
+        progress = max(s.num_output_tokens for s in llm.engine.requests["big"].seqs)
+        await big.aclose()
+        return small, progress
+
+    small, progress = asyncio.run(main())
+    assert small[-1].outputs[0].finish_reason == "length"
+    assert progress < 30, progress
+    llm.shutdown()
+
+
+def test_text_prompts_are_tokenized_off_the_engine_thread_and_checked_first(model):
+    llm = make(model)
+
+    async def main():
+        with pytest.raises(ValueError, match="characters"):
+            llm.generate("x" * (llm.max_model_len + 1), greedy(2))
+        return await collect(llm, "abc", greedy(3))
+
+    outs = asyncio.run(main())
+    assert outs[-1].prompt == "abc" and outs[-1].prompt_token_ids == ToyTokenizer(V).encode_prompt(
+        "abc"
+    )
+    assert len(outs[-1].outputs[0].token_ids) == 3
+    llm.shutdown()
+
+
+def test_leaving_early_and_shutdown(model):
     llm = make(model)
 
     async def main():

@@ -117,6 +117,16 @@ def test_a_refused_prompt_raises_and_leaves_the_engine_clean(llm):
     assert ok.outputs[0].finish_reason == "length"
 
 
+def test_a_text_that_cannot_fit_is_refused_before_it_is_tokenized(llm, monkeypatch):
+    """The Llama 3 tokenizer's longest token is 128 bytes: (128 - 1) x 128 characters is the
+    most a prompt can have in a context of 128 tokens. One more is refused without tokenizing."""
+    assert llm.engine.max_prompt_chars == 127 * 128
+    monkeypatch.setattr(llm.tokenizer, "encode_prompt", lambda s: pytest.fail("tokenized"))
+    with pytest.raises(ValueError, match="characters"):
+        llm.generate("x" * (127 * 128 + 1), GREEDY)
+    assert not llm.engine.has_unfinished()
+
+
 def test_dtype_choice():
     cpu = torch.device("cpu")
     assert resolve_dtype(None, cpu) == torch.float32

@@ -14,6 +14,7 @@ class ToyTokenizer:
     """One token per character; token 1 stops. Decodes each id to one letter."""
 
     stop_tokens = frozenset({EOS})
+    max_token_chars = 1
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size

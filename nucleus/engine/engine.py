@@ -8,12 +8,14 @@ thin loops over `add_request` / `step` / `abort`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nucleus.config import ModelConfig
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
 from nucleus.engine.runner import ModelRunner, StepHandle, auto_num_blocks
@@ -29,11 +31,25 @@ if TYPE_CHECKING:
 
 # Defaults per device type (docs/scheduling.md says how they were chosen): a GPU step costs about
 # the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
-# sequences and large prefill chunks; a CPU step costs in proportion to its tokens.
+# sequences and large prefill chunks; a CPU step costs in proportion to its tokens, and a budget of
+# 128 keeps one under about 0.2 s with the default model, so no running stream waits long for its
+# next token whatever else arrives.
 DEVICE_DEFAULTS = {
     "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "admit_max_wait": 32},
-    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "admit_max_wait": 0},
+    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 128, "admit_max_wait": 0},
 }
+
+
+def context_cost_tokens(config: ModelConfig) -> int:
+    """The context length at which a token's attention takes as many FLOPs as its matrix products
+    (about 3,000 for SmolLM2-135M, 27,000 for Llama-3-8B): how the scheduler prices long prompts.
+
+    Per layer and token: the projections and the SwiGLU take 2 x (their weights) FLOPs; attending
+    over one position takes 4 x n_heads x head_dim (scores and the weighted sum)."""
+    c = config
+    q_width, kv_width = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    weights = c.dim * (2 * q_width + 2 * kv_width) + 3 * c.dim * c.ffn_hidden_dim
+    return max(1, round(2 * weights / (4 * q_width)))
 
 
 @dataclass
@@ -42,6 +58,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free memory
     max_num_seqs: int | None = None  # None: DEVICE_DEFAULTS for the model's device
     max_num_batched_tokens: int | None = None  # None: likewise
+    # A prompt token attending over c positions costs 1 + c / context_cost_tokens of the step's
+    # budget. None: from the model's shapes (`context_cost_tokens`); 0: attention is free.
+    context_cost_tokens: int | None = None
     # Admission in groups of max_num_seqs // 8 (or after admit_max_wait steps held back) while
     # sequences decode: None: DEVICE_DEFAULTS (CUDA 32 steps; CPU 0: admit whenever there is room).
     admit_max_wait: int | None = None
@@ -118,6 +137,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
+        cost = config.context_cost_tokens
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
@@ -126,6 +146,7 @@ class LLMEngine:
             stop_token_ids=self.stop_token_ids,
             admit_group=config.max_num_seqs // 8 if config.admit_max_wait else 1,
             admit_max_wait=config.admit_max_wait,
+            context_cost_tokens=context_cost_tokens(mc) if cost is None else (cost or None),
         )
         self.runner = ModelRunner(
             model,
@@ -158,14 +179,20 @@ class LLMEngine:
         *,
         arrival_time: float | None = None,
         stream: bool = True,
+        prompt_token_ids: list[int] | None = None,
     ) -> None:
-        """Queue a request. `stream=False`: `step` reports it once, when it has finished."""
+        """Queue a request. `prompt`: text (tokenized here, unless its `prompt_token_ids` are
+        given) or token ids. `stream=False`: `step` reports it once, when it has finished."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
-            ids = self.tokenizer.encode_prompt(prompt)
+            if prompt_token_ids is None:
+                self.check_prompt_text(prompt)
+                ids = self.tokenizer.encode_prompt(prompt)
+            else:
+                ids = list(prompt_token_ids)
         else:
             text, ids = None, list(prompt)
         vocab = self.model.config.vocab_size
@@ -206,6 +233,23 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens += len(ids)
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int | None:
+        """The most characters a text prompt can have and still fit the context (one token stands
+        for at most `tokenizer.max_token_chars` characters; BOS aside, a longer text needs
+        `max_model_len` tokens or more). None when the tokenizer does not say."""
+        per_token = getattr(self.tokenizer, "max_token_chars", None)
+        return None if per_token is None else (self.max_model_len - 1) * per_token
+
+    def check_prompt_text(self, text: str) -> None:
+        """Raises ValueError for a text too long to fit the context, without tokenizing it."""
+        limit = self.max_prompt_chars
+        if limit is not None and len(text) > limit:
+            raise ValueError(
+                f"the prompt has {len(text)} characters: more than {self.max_model_len} tokens, "
+                f"the context (no text over {limit} characters can fit)"
+            )
 
     def abort(self, request_id: str) -> None:
         """End a request; the next `step` reports it with finish_reason "abort"."""

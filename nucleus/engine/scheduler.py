@@ -1,13 +1,31 @@
 """The scheduling policy: which sequences compute how many tokens in the next step.
 
-Continuous batching: sequences join and leave at every step. Each step has a token budget
-(`max_num_batched_tokens`) and a cap on running sequences (`max_num_seqs`). Running sequences go
-first (decodes, then prompts part-way through a chunked prefill), then waiting ones in arrival
-order (first come, first served: a waiting sequence that does not fit blocks those behind it).
-A prompt longer than the budget left is computed in chunks over several steps.
+Continuous batching: sequences join and leave at every step. Each step has a budget
+(`max_num_batched_tokens`) and a cap on running sequences (`max_num_seqs`). A step is filled in
+this order (docs/scheduling.md gives the policy, its reasons and its bounds):
 
-When blocks run out, the newest running sequence is preempted: its blocks go back to the pool and it
-waits at the head of the queue to be recomputed (prompt and output so far) later.
+0. Room for a newcomer: when the first waiting request that holds no running sequence finds no
+   slot (or no blocks for its first chunk), the request holding the most running sequences gives
+   up its newest one (preempted, recomputed later), as long as it keeps at least one. So a large
+   `n` cannot keep everyone else out.
+1. Decodes: every running sequence with one token left to compute, one budget unit each.
+2. First chunks of waiting sequences, round-robin over requests: the request holding the fewest
+   running sequences goes first (ties: the earlier arrival). Only the step's first admission may
+   start a prompt in chunks; a later prompt that does not fit whole waits for the next step.
+3. Later chunks of prompts part-way through a chunked prefill, in admission order.
+
+So a new request's first chunk never waits behind the rest of someone else's long prompt. A
+prefill chunk costs one unit per token plus its attention: a token attending over `c` positions
+costs `1 + c / context_cost_tokens` units (`context_cost_tokens`: the context length at which
+attention costs as much as the rest of the model's work for a token). Late chunks of a long prompt
+are therefore smaller, and a step takes about the same time at any context length.
+
+On a GPU, waiting sequences are admitted in groups (`admit_group`, `admit_max_wait`: step 2 runs
+when admission is due), and `schedule_ahead` launches decode steps ahead meanwhile (none while a
+newcomer needs the room of step 0).
+
+When blocks run out for a running sequence, the newest running sequence is preempted: its blocks go
+back to the pool and it waits at the head of the queue to be recomputed (prompt and output so far).
 
 Whatever ends a sequence (`finish`, `abort`, a stop found in `postprocess`), its blocks go back.
 """
@@ -15,7 +33,9 @@ Whatever ends a sequence (`finish`, `abort`, a stop found in `postprocess`), its
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import heapq
+import math
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -75,9 +95,14 @@ class Scheduler:
         chunked_prefill: bool = True,
         admit_group: int = 1,
         admit_max_wait: int = 0,
+        context_cost_tokens: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be >= 1")
+        if context_cost_tokens is not None and context_cost_tokens < 1:
+            raise ValueError(f"context_cost_tokens must be >= 1 or None, got {context_cost_tokens}")
+        if not chunked_prefill and context_cost_tokens is not None:
+            raise ValueError("context_cost_tokens needs chunked prefill")
         if not chunked_prefill and max_num_batched_tokens < max_model_len:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
@@ -94,6 +119,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.stop_token_ids = frozenset(stop_token_ids)  # the model's own (eos, eot)
         self.chunked_prefill = chunked_prefill
+        self.context_cost_tokens = context_cost_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -124,53 +150,19 @@ class Scheduler:
     # ---- the policy ---------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        bm = self.block_manager
-
-        # 1. Running sequences: decodes first, then chunked prefills part-way through.
+        self._make_room_for_a_newcomer(batch)
+        made_room = len(batch.preempted)
+        budget = float(self.max_num_batched_tokens)
+        scheduled: set[int] = set()
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
         partial = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        scheduled: set[int] = set()
-        for seq in decodes + partial:
-            if budget == 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted below, earlier in this loop
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not bm.can_append_slots(seq, n):
-                victim = self._pick_victim(scheduled)
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            bm.append_slots(seq, n)
-            batch.add(seq, n)
-            scheduled.add(seq.seq_id)
-            budget -= n
-
-        # 2. Waiting sequences, first come first served; none while preempting.
+        budget = self._schedule_running(batch, decodes, budget, scheduled)
         admit = self._admission_due()
         room = self.waiting and len(self.running) < self.max_num_seqs
         self._held_steps = self._held_steps + 1 if room and not admit else 0
-        while admit and self.waiting and budget > 0 and not batch.preempted:
-            if len(self.running) >= self.max_num_seqs:
-                break
-            seq = self.waiting[0]
-            cached = [] if seq.params.prompt_logprobs is not None else bm.find_cached_prefix(seq)
-            remaining = seq.num_tokens - len(cached) * bm.block_size
-            if not self.chunked_prefill and remaining > budget:
-                break
-            n = min(remaining, budget)
-            if not bm.can_allocate(seq, n, cached):
-                break
-            self.waiting.popleft()
-            bm.allocate(seq, n, cached)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.add(seq, n)
-            budget -= n
+        if admit and len(batch.preempted) == made_room:  # nobody new while blocks run short
+            budget = self._admit_waiting(batch, budget, scheduled)
+        self._schedule_running(batch, partial, budget, scheduled)
         return batch
 
     def schedule_ahead(self, inflight: ScheduledBatch) -> ScheduledBatch | None:
@@ -180,11 +172,13 @@ class Scheduler:
         its penalty counts there too).
 
         Sequences that end by length with this token are left out. None when the next step has
-        to be scheduled from the results instead: a waiting sequence is to be admitted, or blocks
-        run short (preemption is decided then).
+        to be scheduled from the results instead: a waiting sequence is to be admitted (or a
+        newcomer needs a slot made), or blocks run short (preemption is decided then).
         """
-        if self._admission_due():
+        if self._admission_due() or self._newcomer_without_room() is not None:
             return None
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            self._held_steps += 1  # held back this step too (the bound counts every step)
         bm = self.block_manager
         rows: list[Sequence] = []
         for seq in inflight.seqs:
@@ -221,6 +215,144 @@ class Scheduler:
             or free >= min(self.admit_group, len(self.waiting))
             or self._held_steps >= self.admit_max_wait
         )
+
+    def _newcomer_without_room(self) -> Sequence | None:
+        """The first waiting sequence of a request holding no running sequence, if it finds no
+        slot (or too few free blocks for a first chunk) while some request holds two or more:
+        the one step 0 makes room for. None otherwise."""
+        if not self.waiting:
+            return None
+        held = Counter(s.request_id for s in self.running)
+        if max(held.values(), default=0) < 2:
+            return None
+        newcomer = next((s for s in self.waiting if not held[s.request_id]), None)
+        if newcomer is None:
+            return None
+        bm = self.block_manager
+        blocks = bm.blocks_for(min(newcomer.num_tokens, self.max_num_batched_tokens))
+        if len(self.running) < self.max_num_seqs and blocks <= bm.num_free_blocks:
+            return None
+        return newcomer
+
+    def _make_room_for_a_newcomer(self, batch: ScheduledBatch) -> None:
+        """Step 0: the newcomer without room gets a slot, and blocks for a first chunk, from the
+        request holding the most running sequences (its newest), while that one keeps at least
+        one."""
+        newcomer = self._newcomer_without_room()
+        if newcomer is None:
+            return
+        held = Counter(s.request_id for s in self.running)
+        bm = self.block_manager
+        blocks = bm.blocks_for(min(newcomer.num_tokens, self.max_num_batched_tokens))
+        while True:
+            no_slot = len(self.running) >= self.max_num_seqs
+            if not no_slot and blocks <= bm.num_free_blocks:
+                return
+            rid, count = max(held.items(), key=lambda kv: kv[1])
+            if count < 2:
+                return
+            victim = next(s for s in reversed(self.running) if s.request_id == rid)
+            free_before = bm.num_free_blocks
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            held[rid] -= 1
+            if not no_slot and bm.num_free_blocks == free_before:
+                return  # its blocks are shared with its siblings: preempting more frees nothing
+
+    def _schedule_running(
+        self, batch: ScheduledBatch, seqs: list[Sequence], budget: float, scheduled: set[int]
+    ) -> float:
+        """Steps 1 and 3: the next token or chunk of each running sequence of `seqs`, preempting
+        the newest running sequence not yet scheduled while blocks run short. Returns the budget
+        left."""
+        bm = self.block_manager
+        for seq in seqs:
+            if budget < 1:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            start, remaining = seq.num_computed_tokens, seq.num_uncomputed_tokens
+            n = 1 if remaining == 1 else self._chunk(start, remaining, budget, batch)
+            if n == 0:
+                continue
+            while not bm.can_append_slots(seq, n):
+                victim = self._pick_victim(scheduled)
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            bm.append_slots(seq, n)
+            batch.add(seq, n)
+            scheduled.add(seq.seq_id)
+            budget -= 1 if remaining == 1 else self._chunk_cost(start, n)
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: float, scheduled: set[int]) -> float:
+        """Step 2: first chunks of waiting sequences, round-robin over requests: the request
+        holding the fewest running sequences first, ties to the earlier in the queue. Only the
+        step's first admission may start a prompt in chunks; a later one whose prompt does not
+        fit whole waits for a step with room (it would otherwise wait behind older prompts' later
+        chunks), and the next in turn goes on. Stops at the first that finds no blocks. Returns
+        the budget left."""
+        if not self.waiting or budget < 1 or len(self.running) >= self.max_num_seqs:
+            return budget
+        bm = self.block_manager
+        held = Counter(s.request_id for s in self.running)
+        queues: dict[str, deque[Sequence]] = {}
+        for seq in self.waiting:
+            queues.setdefault(seq.request_id, deque()).append(seq)
+        turns = [(held[rid], order, rid) for order, rid in enumerate(queues)]
+        heapq.heapify(turns)
+        admitted = False
+        while turns and budget >= 1 and len(self.running) < self.max_num_seqs:
+            count, order, rid = heapq.heappop(turns)
+            seq = queues[rid].popleft()
+            cached = [] if seq.params.prompt_logprobs is not None else bm.find_cached_prefix(seq)
+            start = len(cached) * bm.block_size
+            remaining = seq.num_tokens - start
+            n = self._chunk(start, remaining, budget, batch)
+            if n < remaining and (admitted or not self.chunked_prefill):
+                if not self.chunked_prefill:
+                    break
+                continue  # its request sits this step out
+            if n == 0 or not bm.can_allocate(seq, n, cached):
+                break
+            bm.allocate(seq, n, cached)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, n)
+            scheduled.add(seq.seq_id)
+            budget -= self._chunk_cost(start, n)
+            admitted = True
+            if queues[rid]:
+                heapq.heappush(turns, (count + 1, order, rid))
+        if admitted:
+            self.waiting = deque(s for s in self.waiting if s.status is SequenceStatus.WAITING)
+        return budget
+
+    def _chunk_cost(self, start: int, n: int) -> float:
+        """Budget units for prompt positions `start` .. `start + n - 1`: one per token, plus
+        attention (position p attends over p + 1 positions; `context_cost_tokens` of them cost
+        one unit)."""
+        k = self.context_cost_tokens
+        return n if k is None else n + n * (start + (n + 1) / 2) / k
+
+    def _chunk(self, start: int, remaining: int, budget: float, batch: ScheduledBatch) -> int:
+        """The longest chunk of the `remaining` tokens from `start` whose cost fits `budget`; at
+        least one token while the batch is empty, so that every step makes progress."""
+        k = self.context_cost_tokens
+        if k is None:
+            n = min(remaining, int(budget))
+        elif self._chunk_cost(start, remaining) <= budget:
+            n = remaining
+        else:  # the root of n^2 / 2k + n (1 + (start + 1/2) / k) = budget, rounded down
+            b = 1 + (start + 0.5) / k
+            n = min(int(k * (math.sqrt(b * b + 2 * budget / k) - b)), remaining)
+            while n > 0 and self._chunk_cost(start, n) > budget:
+                n -= 1
+        return max(n, 1) if batch.is_empty else n
 
     def _pick_victim(self, scheduled: set[int]) -> Sequence:
         """The newest running sequence not yet scheduled in this step (the caller itself at worst:

@@ -1,16 +1,18 @@
 """The OpenAI-compatible HTTP app over an `AsyncLLM`.
 
-`build_app(engine, served_model_name=..., api_key=..., max_waiting=...)` gives a FastAPI app with
+`build_app(engine, served_model_name=..., api_key=..., limits=...)` gives a FastAPI app with
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both streaming as
 server-sent events ending in `data: [DONE]`), `GET /health` and `GET /metrics`.
 
-The server never touches the model: it validates, tokenizes (to check the context limit before
-anything reaches the engine), submits, and turns `RequestOutput`s into OpenAI's JSON. Every error
+The server never touches the model: it validates, tokenizes (in worker threads, to check the
+context limit before anything reaches the engine), submits, and turns `RequestOutput`s into
+OpenAI's JSON. What one client may ask for is bounded (`ServerLimits`, docs/server.md). Every error
 is answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a client's mistake
 is a 4xx, never a 500. A client that goes away (mid-stream or while waiting for a whole answer)
 has its requests aborted, so the engine frees their KV blocks.
 
-The parts, by job: `state` (what the routes share), `inputs` (request fields to engine inputs),
+The parts, by job: `limits` (the bounds on a request), `state` (what the routes share), `inputs`
+(request fields to engine inputs),
 `run` (one HTTP request on the engine), `sse` (streaming), `responses` (usage, logprobs),
 `completions` and `chat` (the two generation routes), `middleware` (auth, draining, metrics, the
 log line).
@@ -30,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nucleus.server.chat import create_chat_completion
 from nucleus.server.completions import create_completion
+from nucleus.server.limits import ServerLimits
 from nucleus.server.metrics import CONTENT_TYPE, ServerMetrics
 from nucleus.server.middleware import RequestMiddleware
 from nucleus.server.protocol import (
@@ -45,9 +48,7 @@ from nucleus.server.protocol import (
 )
 from nucleus.server.state import ServerState, maybe_await
 
-__all__ = ["DEFAULT_MAX_WAITING", "build_app"]
-
-DEFAULT_MAX_WAITING = 256
+__all__ = ["build_app"]
 
 
 def build_app(
@@ -55,15 +56,16 @@ def build_app(
     *,
     served_model_name: str | list[str] | None = None,
     api_key: str | None = None,
-    max_waiting: int = DEFAULT_MAX_WAITING,
+    limits: ServerLimits | None = None,
     on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an `AsyncLLM`, or anything with its face).
 
     `served_model_name`: the name(s) clients may ask for (default: `engine.model_name`); the
     first is the one `/v1/models` lists first. `api_key`: when set, every `/v1/` route wants
-    `Authorization: Bearer <key>`. `max_waiting`: at most this many requests wait for the engine
-    at once; more get 503. `on_shutdown`: called when the app shuts down.
+    `Authorization: Bearer <key>`. `limits`: what one request may ask for, and how many
+    sequences may wait (default `ServerLimits()`). `on_shutdown`: called when the app shuts
+    down.
     """
     if served_model_name is None:
         names = [str(getattr(engine, "model_name", "nucleus"))]
@@ -72,12 +74,13 @@ def build_app(
     else:
         names = list(served_model_name)
     metrics = ServerMetrics(stats=lambda: engine.stats())
-    state = ServerState(engine, names, api_key, max_waiting, metrics)
+    state = ServerState(engine, names, api_key, limits or ServerLimits(), metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         state.draining = True
+        state.close()
         if on_shutdown is not None:
             await maybe_await(on_shutdown())
 
@@ -90,6 +93,8 @@ def build_app(
             400: {"model": ErrorResponse},
             401: {"model": ErrorResponse},
             404: {"model": ErrorResponse},
+            408: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
             503: {"model": ErrorResponse},
         },
     )
@@ -100,7 +105,7 @@ def build_app(
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

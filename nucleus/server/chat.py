@@ -19,7 +19,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from nucleus.outputs import CompletionOutput
-from nucleus.server.inputs import check_context, check_ids, check_model, sampling_params
+from nucleus.server.inputs import (
+    check_context,
+    check_ids,
+    check_model,
+    check_sequences,
+    check_text_length,
+    sampling_params,
+)
 from nucleus.server.protocol import (
     APIError,
     ChatChoice,
@@ -34,7 +41,7 @@ from nucleus.server.protocol import (
 from nucleus.server.responses import chat_logprobs, json_safe, usage
 from nucleus.server.run import Prompt, Run, collect, raise_if_error
 from nucleus.server.sse import SSEResponse, guarded_sse, sse
-from nucleus.server.state import ServerState, maybe_await
+from nucleus.server.state import ServerState
 from nucleus.tools import (
     ToolCall,
     ToolRequest,
@@ -98,14 +105,6 @@ async def create_chat_completion(
     max_tokens, max_param = req.requested_max_tokens()
     if max_tokens == 0:
         raise APIError.bad_request(f"'{max_param}' must be at least 1.", param=max_param)
-    messages = [m.as_dict() for m in req.messages]
-    shown = tools.prompt_tools if tools is not None else None
-    try:
-        ids = list(await maybe_await(state.engine.encode_chat(messages, shown)))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise APIError.bad_request(f"Invalid messages: {exc}", param="messages") from None
-    check_ids(state, ids, "messages")
-    check_context(state, len(ids), max_tokens, "messages", max_param)
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(
         state,
@@ -115,6 +114,18 @@ async def create_chat_completion(
         prompt_logprobs=None,
         rename={"max_tokens": max_param, "logprobs": "top_logprobs"},
     )
+    check_sequences(state, 1, params.n, "n")
+    messages = [m.as_dict() for m in req.messages]
+    # The rendered prompt holds every message's text: a check before rendering and tokenizing.
+    chars = sum(len((m["content"] or "").strip()) for m in messages)
+    check_text_length(state, chars, "messages")
+    shown = tools.prompt_tools if tools is not None else None
+    try:
+        ids = list(await state.off_loop(state.engine.encode_chat, messages, shown))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise APIError.bad_request(f"Invalid messages: {exc}", param="messages") from None
+    check_ids(state, ids, "messages")
+    check_context(state, len(ids), max_tokens, "messages", max_param)
     if tools is not None:
         try:
             params = tools.sampling_params(params, state.engine.chat_format)

@@ -10,7 +10,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from nucleus.outputs import RequestOutput
-from nucleus.server.inputs import check_context, check_ids, check_model, sampling_params
+from nucleus.server.inputs import (
+    check_context,
+    check_ids,
+    check_model,
+    check_sequences,
+    check_text_length,
+    sampling_params,
+)
 from nucleus.server.protocol import APIError, CompletionRequest, random_id
 from nucleus.server.responses import completion_logprobs, json_safe, merge_logprobs, usage
 from nucleus.server.run import Prompt, Run, collect, raise_if_error
@@ -37,16 +44,6 @@ async def create_completion(
             "'max_tokens' must be at least 1 (0 is allowed only with 'echo').", param="max_tokens"
         )
     discard = max_tokens == 0  # echo only: the prompt back, nothing generated
-    tok = state.engine.tokenizer
-    prompts: list[Prompt] = []
-    for p in req.prompts():
-        if isinstance(p, str):
-            prompts.append(Prompt(p, tok.encode_prompt(p)))
-        else:
-            prompts.append(Prompt(None, list(p)))
-    for p in prompts:
-        check_ids(state, p.ids, "prompt")
-        check_context(state, len(p.ids), 1 if discard else max_tokens, "prompt", "max_tokens")
     k = req.logprobs
     params = sampling_params(
         state,
@@ -56,6 +53,19 @@ async def create_completion(
         prompt_logprobs=k if (echo and k is not None) else None,
         rename={"prompt_logprobs": "logprobs"},
     )
+    # The cheap checks first: the sequences asked for, each text's length; then tokenize.
+    given = req.prompts()
+    check_sequences(state, len(given), n, "n" if n > 1 else "prompt")
+    for p in given:
+        if isinstance(p, str):
+            check_text_length(state, len(p), "prompt")
+    tok = state.engine.tokenizer
+    texts = [p for p in given if isinstance(p, str)]
+    encoded = iter(await state.off_loop(lambda: [tok.encode_prompt(s) for s in texts]))
+    prompts = [Prompt(p, next(encoded)) if isinstance(p, str) else Prompt(None, p) for p in given]
+    for p in prompts:
+        check_ids(state, p.ids, "prompt")
+        check_context(state, len(p.ids), 1 if discard else max_tokens, "prompt", "max_tokens")
     rid = random_id("cmpl")
     created = int(time.time())
     run = Run(state, prompts, params, rid, arrival)
@@ -86,10 +96,13 @@ async def create_completion(
             seen: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) sent
             offsets: dict[int, int] = {}
             completion_tokens: dict[int, int] = {}
+            ended: set[int] = set()  # choices whose finishing chunk has gone out
             async for i, out in run.events():
                 raise_if_error(out)
                 for o in out.outputs:
                     index = i * n + o.index
+                    if index in ended:
+                        continue  # a request's later outputs repeat its finished choices
                     text, lps = "", None
                     if index not in seen:
                         seen[index] = (0, 0)
@@ -108,8 +121,10 @@ async def create_completion(
                         seen[index] = (max(chars, len(o.text)), len(o.token_ids))
                         completion_tokens[index] = len(o.token_ids)
                     finish = o.finish_reason
-                    if discard and finish is not None:
-                        finish = "length"
+                    if finish is not None:
+                        ended.add(index)
+                        if discard:
+                            finish = "length"
                     if not text and finish is None and lps is None:
                         continue
                     if k is not None and lps is None:

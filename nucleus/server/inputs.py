@@ -1,5 +1,6 @@
-"""Turning a request's fields into engine inputs: the model name, token ids, the context limit,
-and `SamplingParams` (whose refusals become 400s naming OpenAI's field)."""
+"""Turning a request's fields into engine inputs: the model name, token ids, the context limit
+(checked on the text's length before it is tokenized, and on the tokens after), the sequences a
+request brings, and `SamplingParams` (whose refusals become 400s naming OpenAI's field)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ __all__ = [
     "check_context",
     "check_ids",
     "check_model",
+    "check_sequences",
+    "check_text_length",
     "sampling_params",
     "structured_outputs",
     "value_error",
@@ -35,13 +38,11 @@ def check_ids(state: ServerState, ids: list[int], param: str) -> None:
     if not ids:
         raise APIError.bad_request("The prompt is empty.", param=param)
     vocab = state.vocab_size
-    if vocab is not None:
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise APIError.bad_request(
-                    f"Token id {t} is out of range: the vocabulary has {vocab} tokens.",
-                    param=param,
-                )
+    if vocab is not None and not 0 <= min(ids) <= max(ids) < vocab:  # builtins: fast on long lists
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise APIError.bad_request(
+            f"Token id {bad} is out of range: the vocabulary has {vocab} tokens.", param=param
+        )
 
 
 def check_context(state: ServerState, n_prompt: int, max_tokens: int | None, kind: str, param: str):
@@ -54,6 +55,34 @@ def check_context(state: ServerState, n_prompt: int, max_tokens: int | None, kin
             f"Please reduce the length of the {kind} or completion.",
             param=param if n_prompt + (max_tokens or 0) > limit and n_prompt < limit else kind,
             code="context_length_exceeded",
+        )
+
+
+def check_text_length(state: ServerState, chars: int, kind: str) -> None:
+    """A text too long to fit the context whatever its tokens is refused before tokenizing it:
+    no token stands for more than `engine.max_prompt_chars / (max_model_len - 1)` characters."""
+    limit = state.max_prompt_chars
+    if limit is not None and chars > limit:
+        raise APIError.bad_request(
+            f"This model's maximum context length is {state.max_model_len} tokens, and no text of "
+            f"more than {limit} characters fits in it; your {kind} has {chars} characters. "
+            f"Please reduce the length of the {kind}.",
+            param=kind,
+            code="context_length_exceeded",
+        )
+
+
+def check_sequences(state: ServerState, num_prompts: int, n: int, param: str) -> None:
+    """Prompts x n is bounded per request, and by the waiting queue's size: a request over either
+    could never be served (400, not a 503 that clients would retry)."""
+    limits = state.limits
+    most = min(limits.max_sequences_per_request, limits.max_waiting)
+    if num_prompts * n > most:
+        raise APIError.bad_request(
+            f"This request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x "
+            f"n={n}); the server takes at most {most} in one request.",
+            param=param,
+            code="too_many_sequences",
         )
 
 

@@ -1,7 +1,7 @@
 """OpenAI's wire format: request and response models (pydantic), with OpenAI's field names.
 
 Requests are validated strictly (a boolean is not an integer, a string is not a number, NaN is
-not a float) and every failure becomes an `APIError` of status 400 naming the offending `param`,
+not a float, a lone surrogate is not text) and every failure becomes an `APIError` of status 400 naming the offending `param`,
 in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`. Fields OpenAI has and
 nucleus does not use are accepted and ignored; vLLM's extra sampling fields (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`) and
@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
     "APIError",
@@ -55,6 +55,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -62,6 +63,7 @@ class APIError(Exception):
         self.type = type or _DEFAULT_TYPES.get(status, "invalid_request_error")
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -85,8 +87,13 @@ class APIError(Exception):
         )
 
     @classmethod
-    def overloaded(cls, message: str):
-        return cls(503, message, code="server_overloaded")
+    def unavailable(cls, message: str, code: str, retry_after: int):
+        """503: try again later (`Retry-After` seconds), the request itself is fine."""
+        return cls(503, message, code=code, headers={"Retry-After": str(retry_after)})
+
+    @classmethod
+    def overloaded(cls, message: str, retry_after: int):
+        return cls.unavailable(message, "server_overloaded", retry_after)
 
 
 _DEFAULT_TYPES = {
@@ -95,6 +102,7 @@ _DEFAULT_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
@@ -129,7 +137,9 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """Turn pydantic's (or FastAPI's) validation errors into one 400 naming the first param."""
     if not errors:
         return APIError.bad_request("Invalid request body.")
-    first = errors[0]
+    # A validator's own message (a lone surrogate, ...) says more than the other members of a
+    # union ("Input should be a valid string"): it goes first.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     kind = first.get("type", "")
     loc = tuple(first.get("loc", ()))
     if kind == "json_invalid":
@@ -151,12 +161,36 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 
+
+def _unicode(value: Any) -> Any:
+    """JSON's escapes can spell lone surrogates (`"\\ud800"`), which are no text: refused here (in
+    a string, or anywhere in an object or array), before a tokenizer, a grammar compiler or an
+    error message that echoes the text chokes on them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a lone surrogate (U+D800 to U+DFFF) is not valid Unicode text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _unicode(key)
+            _unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _unicode(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(_unicode)]
 StrictInt = Annotated[int, Field(strict=True)]
 Seed = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None
 
 
 class _Request(BaseModel):
@@ -172,7 +206,7 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields the two generation routes share."""
 
-    model: str | None = None
+    model: Text | None = None
     n: Annotated[int, Field(strict=True, ge=1, le=MAX_N)] | None = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Prob | None = None
@@ -180,10 +214,10 @@ class _SamplingFields(_Request):
     seed: Seed | None = None
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extras, sent through `extra_body`.
     top_k: Annotated[int, Field(strict=True, ge=-1)] | None = None
     min_p: Prob | None = None
@@ -193,11 +227,11 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
     skip_special_tokens: bool | None = True
     # Structured outputs: OpenAI's `response_format`, or one of vLLM's `guided_*` fields.
-    response_format: dict[str, Any] | None = None
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_grammar: str | None = None
-    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    response_format: JSONObject | None = None
+    guided_json: JSONObject | Text | None = None
+    guided_regex: Text | None = None
+    guided_grammar: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
 
     def wants_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -207,8 +241,8 @@ class _SamplingFields(_Request):
 # /v1/completions
 
 PromptType = (
-    str
-    | Annotated[list[str], Field(min_length=1)]
+    Text
+    | Annotated[list[Text], Field(min_length=1)]
     | Annotated[list[StrictInt], Field(min_length=1)]
     | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
 )
@@ -220,7 +254,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = False
     best_of: Annotated[int, Field(strict=True, ge=1, le=MAX_N)] | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids."""
@@ -238,26 +272,26 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPartText(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ToolCallFunction(_Request):
-    name: str
-    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text
+    name: Text
+    arguments: Text | JSONObject = "{}"  # OpenAI sends JSON text
 
 
 class ToolCallIn(_Request):
-    id: str | None = None
+    id: Text | None = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPartText] | None = None
-    name: str | None = None
+    content: Text | list[ContentPartText] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool result: the call it answers
+    tool_call_id: Text | None = None  # a tool result: the call it answers
 
     def as_dict(self) -> dict[str, Any]:
         """The message as chat formats take it (`developer` is a system message)."""
@@ -287,8 +321,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[JSONObject] | None = None
+    tool_choice: Text | JSONObject | None = None
     parallel_tool_calls: bool | None = True
 
     def requested_max_tokens(self) -> tuple[int | None, str]:

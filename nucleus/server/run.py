@@ -40,8 +40,9 @@ class Prompt:
 class Run:
     """One HTTP request's engine requests (one per prompt), merged into one stream of outputs.
 
-    Admission (the waiting-queue bound) happens in the constructor, so a full queue is a 503
-    before anything is streamed. `close()` aborts whatever has not finished; it is idempotent.
+    Admission (the waiting-queue bound, in sequences: prompts x n) happens in the constructor,
+    so a full queue is a 503 before anything is streamed. `close()` aborts whatever has not
+    finished (and counts it in the metrics as finished by "abort"); it is idempotent.
     """
 
     def __init__(
@@ -52,12 +53,14 @@ class Run:
         base_id: str,
         arrival: float,
     ) -> None:
-        waiting = max(state.pending, int(engine_stat(state.engine_stats(), "waiting")))
-        if waiting + len(prompts) > state.max_waiting:
+        waiting = max(state.pending, int(engine_stat(state.engine_stats(), "waiting_sequences")))
+        limits = state.limits
+        if waiting + len(prompts) * params.n > limits.max_waiting:
             state.metrics.rejected.labels("queue_full").inc()
             raise APIError.overloaded(
-                f"The server is overloaded: {waiting} request(s) are waiting (at most "
-                f"{state.max_waiting}). Please retry later."
+                f"The server is overloaded: {waiting} sequence(s) are waiting (at most "
+                f"{limits.max_waiting}). Please retry later.",
+                limits.retry_after,
             )
         self.state = state
         self.prompts = prompts
@@ -73,7 +76,7 @@ class Run:
         self._seen: dict[tuple[int, int], tuple[int, float]] = {}
         self._first_token: set[int] = set()
         self._done: set[tuple[int, int]] = set()
-        state.pending += len(prompts)
+        state.pending += len(prompts) * params.n
         state.runs.add(self)
         state.metrics.prompt_tokens.inc(sum(len(p.ids) for p in prompts))
 
@@ -103,7 +106,7 @@ class Run:
     def _started(self, i: int) -> None:
         if i in self._not_started:
             self._not_started.discard(i)
-            self.state.pending -= 1
+            self.state.pending -= self.params.n
 
     def _observe(self, i: int, out: RequestOutput, now: float) -> None:
         m = self.state.metrics
@@ -137,7 +140,8 @@ class Run:
                 i, out, exc = await self._queue.get()
                 self._started(i)
                 if exc is not None:
-                    raise _engine_error(exc)
+                    self._finished.add(i)  # refused by the engine: nothing to abort
+                    raise _engine_error(exc, self.state.limits.retry_after)
                 if out is None:
                     remaining -= 1
                     self._finished.add(i)  # the engine's stream ended: nothing to abort
@@ -176,6 +180,10 @@ class Run:
         self.state.runs.discard(self)
         for i in list(self._not_started):
             self._started(i)
+        aborted = self.state.metrics.finished.labels("abort")
+        for i in range(len(self.prompts)):
+            if i not in self._finished:
+                aborted.inc(sum((i, j) not in self._done for j in range(self.params.n)))
         waits = self.abort()
         for task in self._tasks:
             task.cancel()
@@ -184,15 +192,19 @@ class Run:
             await asyncio.shield(asyncio.gather(*waits, return_exceptions=True))
 
 
-def _engine_error(exc: Exception) -> Exception:
+def _engine_error(exc: Exception, retry_after: int) -> Exception:
     """The engine refused a request: its ValueErrors are the client's mistakes (400); a full
     queue or a stopped engine is a 503."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFull):
-        return APIError.overloaded(f"The server is overloaded: {exc}. Please retry later.")
+        return APIError.overloaded(
+            f"The server is overloaded: {exc}. Please retry later.", retry_after
+        )
     if isinstance(exc, EngineDeadError):
-        return APIError(503, f"The engine is not running: {exc}", code="engine_unavailable")
+        return APIError.unavailable(
+            f"The engine is not running: {exc}", "engine_unavailable", retry_after
+        )
     if isinstance(exc, ValueError):
         return value_error(exc)
     return exc

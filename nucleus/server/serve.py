@@ -1,21 +1,27 @@
 """`nucleus serve`: the OpenAI-compatible server in a process of its own.
 
     python -m nucleus.server.serve [--model PATH] [--host 127.0.0.1] [--port 8000]
-        [--api-key KEY | env NUCLEUS_API_KEY] [--served-model-name NAME] [--max-waiting N]
+        [--api-key KEY | env NUCLEUS_API_KEY] [--served-model-name NAME]
+        [--max-waiting N] [--max-body-bytes N] [--max-sequences-per-request N]
+        [--body-timeout S] [--header-timeout S]
         [--device DEV] [--dtype DTYPE] [--max-model-len N] [--max-num-seqs N]
-        [--tensor-parallel-size N]
+        [--max-num-batched-tokens N] [--tensor-parallel-size N]
 
 Binds to 127.0.0.1 unless told otherwise and logs one line per request. SIGTERM (or Ctrl-C)
 shuts down gracefully: the listening socket closes, new requests on open connections get 503,
 in-flight requests run to their end for up to `--shutdown-timeout` seconds and are then aborted
 (their streams end with finish_reason "abort" and `data: [DONE]`, their KV blocks are freed), the
 engine thread stops, and the process exits with status 0.
+
+The limits on what one client may ask for (`ServerLimits`) and the scheduling policy that keeps one
+request from holding back the others are in docs/server.md and docs/scheduling.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -24,9 +30,12 @@ import sys
 import time
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nucleus.server.app import DEFAULT_MAX_WAITING, build_app
+from nucleus.server.app import build_app
+from nucleus.server.limits import ServerLimits
 
 __all__ = ["add_serve_arguments", "build_engine", "main", "run_server"]
 
@@ -53,11 +62,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="the model name clients ask for (default: the engine's model name)",
     )
+    limits = ServerLimits()
     parser.add_argument(
         "--max-waiting",
         type=int,
-        default=DEFAULT_MAX_WAITING,
-        help=f"requests allowed to wait for the engine; more get 503 (default {DEFAULT_MAX_WAITING})",
+        default=limits.max_waiting,
+        help="sequences (prompts x n) allowed to wait for the engine, all requests together; "
+        f"a request that would go over gets 503 (default {limits.max_waiting})",
+    )
+    parser.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=limits.max_sequences_per_request,
+        help="prompts x n one request may ask for; more get 400 "
+        f"(default {limits.max_sequences_per_request})",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.max_body_bytes,
+        help=f"largest request body; larger ones get 413 (default {limits.max_body_bytes})",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=limits.body_timeout,
+        help="seconds a client has to send a whole request body; then 408 "
+        f"(default {limits.body_timeout:g})",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=limits.header_timeout,
+        help="seconds a connection may stay open without a complete request head "
+        f"(default {limits.header_timeout:g})",
     )
     parser.add_argument(
         "--shutdown-timeout",
@@ -85,6 +123,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="most sequences the engine runs in one batch (default: the engine's)",
     )
     parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="the engine's budget of one step (default: 8192 on CUDA, 128 on the CPU; "
+        "docs/scheduling.md)",
+    )
+    parser.add_argument(
         "--tensor-parallel-size",
         type=int,
         default=1,
@@ -110,7 +155,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     from nucleus.async_llm import AsyncLLM
 
     kwargs: dict[str, Any] = {}
-    for name in ("max_model_len", "dtype", "tokenizer", "max_num_seqs"):
+    for name in ("max_model_len", "dtype", "tokenizer", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
@@ -128,6 +173,60 @@ def build_engine(args: argparse.Namespace) -> Any:
 # cleanly (finish_reason "abort", `data: [DONE]`). uvicorn cancels whatever still runs this many
 # seconds later (an engine step in progress must end before an abort takes effect).
 _ABORT_GRACE_S = 10.0
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_sequences_per_request=args.max_sequences_per_request,
+        max_waiting=args.max_waiting,
+        body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
+    )
+
+
+class _H11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request head: a connection that has not
+    sent a whole request head `header_timeout` seconds after it opened, or after its last response,
+    is closed. (uvicorn's keep-alive timer starts again at every byte received, so a client sending
+    a byte now and then would hold a connection forever.)"""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # a request head is in: the app's turn
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before uvicorn goes on to a pipelined request, which disarms it
+        super().on_response_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self._header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expire(self) -> None:
+        self._head_timer = None
+        serving = self.cycle is not None and not self.cycle.response_complete
+        if not serving and not self.transport.is_closing():
+            self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -186,16 +285,15 @@ async def _serve(args: argparse.Namespace) -> None:
         time.perf_counter() - start,
         engine.max_model_len,
     )
+    limits = server_limits(args)
     app = build_app(
-        engine,
-        served_model_name=args.served_model_name,
-        api_key=args.api_key,
-        max_waiting=args.max_waiting,
+        engine, served_model_name=args.served_model_name, api_key=args.api_key, limits=limits
     )
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
+        http=functools.partial(_H11Protocol, header_timeout=limits.header_timeout),  # type: ignore[arg-type]
         log_level=args.log_level,
         access_log=False,  # our own middleware logs one line per request
         timeout_graceful_shutdown=args.shutdown_timeout + _ABORT_GRACE_S,

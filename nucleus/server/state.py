@@ -1,12 +1,18 @@
-"""What the routes of one app share: the engine, the settings, the live counters."""
+"""What the routes of one app share: the engine, the settings, the live counters, and the
+threads that tokenize (so that the event loop never does)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from nucleus.server.limits import ServerLimits
 from nucleus.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -15,6 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["ServerState", "maybe_await"]
 
 logger = logging.getLogger("nucleus.server")
+
+T = TypeVar("T")
+
+# Tokenizing and rendering chat templates take CPU time in proportion to what the client sent;
+# two threads keep that off the event loop without letting it crowd out the engine's thread.
+_WORKER_THREADS = 2
 
 
 async def maybe_await(value: Any) -> Any:
@@ -50,20 +62,33 @@ class ServerState:
         engine: Any,
         names: list[str],
         api_key: str | None,
-        max_waiting: int,
+        limits: ServerLimits,
         metrics: ServerMetrics,
     ) -> None:
         self.engine = engine
         self.names = names
         self.api_key = api_key
-        self.max_waiting = max_waiting
+        self.limits = limits
         self.metrics = metrics
-        self.pending = 0  # requests submitted that have not yet produced anything
+        self.pending = 0  # sequences submitted whose prompt has not yet produced anything
         self.draining = False  # set on shutdown: new requests get 503
         self.runs: set[Run] = set()  # the runs in flight (for aborting them at shutdown)
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self.vocab_size = _vocab_size(engine)
+        self.max_prompt_chars: int | None = getattr(engine, "max_prompt_chars", None)
+        # Built on first use and holding the GIL meanwhile: the tokenizer's tables for plain
+        # text (0.2-0.7 s for the default model's), now, before anything is served.
+        engine.tokenizer.encode_prompt("warm-up")
+        self._workers = ThreadPoolExecutor(_WORKER_THREADS, thread_name_prefix="nucleus-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread (tokenizing, rendering a chat template)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._workers, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     @property
     def max_model_len(self) -> int:

@@ -9,13 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from server_helpers import MAX_WAITING, SHUTDOWN_TIMEOUT, ServerProcess, start_server
+from server_helpers import (
+    BODY_TIMEOUT,
+    HEADER_TIMEOUT,
+    MAX_WAITING,
+    SHUTDOWN_TIMEOUT,
+    ServerProcess,
+    start_server,
+)
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     srv = start_server(
-        "--max-waiting", str(MAX_WAITING), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)
+        *("--max-waiting", str(MAX_WAITING), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)),
+        *("--body-timeout", str(BODY_TIMEOUT), "--header-timeout", str(HEADER_TIMEOUT)),
     )
     try:
         yield srv

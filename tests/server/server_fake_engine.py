@@ -53,6 +53,7 @@ class FakeAsyncLLM:
     def __init__(self, max_model_len: int = 256, delay: float = 0.0) -> None:
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
+        self.max_prompt_chars = max_model_len - 1  # a token per byte, BOS first
         self.model_name = "fake-model"
         self.delay = delay
         self.active: dict[str, int] = {}  # request id -> fake KV blocks held

@@ -9,6 +9,7 @@ the protocol and error mapping).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,9 @@ import httpx
 
 API_KEY = "test-key-123"
 MODEL = "smollm2-test"
-MAX_WAITING = 48  # the test server's waiting-queue bound (the load test stays below it)
+MAX_WAITING = 128  # sequences the test server lets wait: room for one request of n=128
+BODY_TIMEOUT = 3  # seconds the test server gives a client to send a request body
+HEADER_TIMEOUT = 3  # ... and a connection to send a request head
 SHUTDOWN_TIMEOUT = 8  # seconds in-flight requests may run on after SIGTERM (then aborted)
 STARTUP_TIMEOUT = float(os.environ.get("NUCLEUS_TEST_SERVER_STARTUP", "300"))
 REPO = Path(__file__).resolve().parents[2]
@@ -121,3 +125,74 @@ def start_server(*extra: str, api_key: str = API_KEY, model_name: str = MODEL) -
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server did not come up in {STARTUP_TIMEOUT}s:\n{server.log()[-4000:]}")
+
+
+def wait_idle(server: ServerProcess, timeout: float = 60) -> tuple[float, float, float]:
+    """Waits until nothing runs or waits and the KV cache is empty; returns (KV usage, running,
+    waiting) as last read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = (
+            server.metric("nucleus_kv_cache_usage_ratio"),
+            server.metric("nucleus_requests_running"),
+            server.metric("nucleus_requests_waiting"),
+        )
+        if state == (0, 0, 0) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+def hang_up(response: httpx.Response) -> None:
+    """Shuts down the connection under a streaming response, from any thread."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class Stream(threading.Thread):
+    """A streaming request in a thread of its own: `times` holds the arrival of each event (each
+    `data:` line but `[DONE]`); `first` is set at the first; `close()` hangs up."""
+
+    def __init__(self, server: ServerProcess, path: str, body: dict) -> None:
+        super().__init__(daemon=True)
+        self.url, self.headers = server.base_url + path, server.headers
+        self.body = {"model": server.model, "stream": True, **body}
+        self.times: list[float] = []
+        self.lines: list[str] = []
+        self.first = threading.Event()
+        self.sent_at = 0.0
+        self.status: int | None = None
+        self._response: httpx.Response | None = None
+        self._closing = False
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.sent_at
+
+    def gaps_after(self, since: float) -> list[float]:
+        """The gaps between successive events of those that came after `since`."""
+        times = [t for t in self.times if t >= since]
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    def run(self) -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=300) as client:
+            self.sent_at = time.monotonic()
+            with client.stream("POST", self.url, json=self.body, headers=self.headers) as r:
+                self._response, self.status = r, r.status_code
+                for line in r.iter_lines():
+                    if self._closing:
+                        return
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        self.times.append(time.monotonic())
+                        self.lines.append(line)
+                        self.first.set()
+
+    def close(self) -> None:
+        """Hangs up: shuts the socket down (closing the response from this thread would not wake
+        the reader blocked on it while the server sends nothing)."""
+        self._closing = True
+        if self._response is not None:
+            hang_up(self._response)
+        self.join(30)

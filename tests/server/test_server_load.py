@@ -10,6 +10,7 @@ import time
 
 import httpx
 import openai
+from server_helpers import wait_idle
 
 N_CLIENTS = 36
 MAX_TOKENS = 8
@@ -123,15 +124,7 @@ def test_concurrent_streams_with_random_disconnects(server):
     assert completed >= N_CLIENTS // 2
 
     # Every aborted request has given its KV blocks back; nothing runs or waits any more.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        usage = server.metric("nucleus_kv_cache_usage_ratio")
-        running = server.metric("nucleus_requests_running")
-        waiting = server.metric("nucleus_requests_waiting")
-        if usage == 0 and running == 0 and waiting == 0:
-            break
-        time.sleep(0.2)
-    assert (usage, running, waiting) == (0, 0, 0), server.log()[-3000:]
+    assert wait_idle(server, timeout=30) == (0, 0, 0), server.log()[-3000:]
 
     # ... and the server still answers.
     assert server.alive()

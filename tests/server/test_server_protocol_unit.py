@@ -11,6 +11,7 @@ from server_fake_engine import FakeAsyncLLM
 from starlette.testclient import TestClient
 
 from nucleus.server.app import build_app
+from nucleus.server.limits import ServerLimits
 from nucleus.server.protocol import APIError, validation_error
 
 KEY = {"Authorization": "Bearer k"}
@@ -154,10 +155,20 @@ def test_metrics_registry_is_per_app(fake):
     assert 'route="/v1/completions"' not in b.get("/metrics").text
 
 
-def test_queue_bound_503(fake):
-    client = TestClient(build_app(fake, served_model_name="m", max_waiting=0))
-    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+def test_queue_bound_counts_sequences_503_with_retry_after_or_400_if_it_never_fits(fake):
+    client = TestClient(build_app(fake, served_model_name="m", limits=ServerLimits(max_waiting=4)))
+    fake.stats = lambda: {"waiting_sequences": 3}
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "n": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+    assert r.headers["retry-after"] == "1"
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})  # 3 + 1 fits
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", json={"prompt": ["x"] * 3, "max_tokens": 1, "n": 2})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "too_many_sequences" and err["param"] == "n"
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "n": 5}
+    err = client.post("/v1/chat/completions", json=chat).json()["error"]
+    assert err["code"] == "too_many_sequences" and err["param"] == "n"
 
 
 @pytest.mark.parametrize("stream", [True, False])
