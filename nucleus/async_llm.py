@@ -100,6 +100,7 @@ class AsyncLLM:
         max_waiting: int | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
+        exact: bool = False,
         **engine_options: Any,
     ) -> None:
         from nucleus.llm import LLM
@@ -111,6 +112,7 @@ class AsyncLLM:
             tokenizer=tokenizer,
             seed=seed,
             num_threads=num_threads,
+            exact=exact,
             **engine_options,
         )
         self._setup(llm.engine, llm.chat_format, llm.model_name, max_waiting)

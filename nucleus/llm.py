@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from nucleus.cpu.model import CpuModel
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.outputs import RequestOutput
 from nucleus.sampling_params import SamplingParams
@@ -125,7 +126,11 @@ class LLM:
             float32 on the CPU: the fastest correct choice there, see `resolve_dtype`).
         tokenizer: a tokenizer file overriding the model's own.
         seed: seeds the default generator that unseeded sampled requests draw from.
-        num_threads: CPU threads for torch (default: torch's own choice).
+        num_threads: CPU threads (default: every CPU this process may use).
+        exact: on the CPU, a GGUF model runs through the C forward pass over its own blocks with
+            8-bit activations, as llama.cpp computes it (`nucleus.cpu`; docs/cpu.md states its
+            error); `exact=True` runs the torch model on the dequantized weights in float32
+            instead (slower). Other devices, dtypes and formats always take the torch model.
         **engine_options: `EngineConfig` fields: `block_size`, `num_kv_blocks`, `max_num_seqs`,
             `max_num_batched_tokens`, `max_model_len`, `enable_prefix_caching`, `kv_dtype`,
             `memory_fraction`.
@@ -140,6 +145,7 @@ class LLM:
         tokenizer: str | Path | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
+        exact: bool = False,
         **engine_options: Any,
     ) -> None:
         from nucleus.loaders import load_model_files
@@ -161,7 +167,11 @@ class LLM:
         self.model_name = files.name
         self.chat_format = files.chat
         self.tokenizer = files.tokenizer
-        self.model = files.build_model(device=self.device, dtype=self.dtype)
+        cpu_path = files.gguf is not None and self.device.type == "cpu"
+        if cpu_path and not exact and self.dtype == torch.float32:
+            self.model = files.build_cpu_model(num_threads=num_threads)
+        else:
+            self.model = files.build_model(device=self.device, dtype=self.dtype)
         del files
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_options))
         self._ids = itertools.count()
@@ -172,8 +182,11 @@ class LLM:
         self = cls.__new__(cls)
         self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
         self.chat_format, self.model_name = chat_format, name
-        weight = engine.model.tok_embeddings.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        if isinstance(engine.model, CpuModel):
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+        else:
+            weight = engine.model.tok_embeddings.weight
+            self.device, self.dtype = weight.device, weight.dtype
         self._ids = itertools.count()
         return self
 

@@ -201,8 +201,16 @@ def test_ctrl_c_exits_130_without_traceback(default_model):
 
 @pytest.mark.slow
 def test_chat_one_shot(default_model):
+    """`--exact`: the float32 model, whose greedy answer is known (the default 8-bit path answers
+    as llama.cpp does: tests/cpu/test_llamacpp_agreement.py)."""
     result = nucleus(
-        "chat", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24"
+        "chat",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--exact",
     )
     assert result.returncode == 0, result.stderr
     assert_clean_stderr(result.stderr)
@@ -213,7 +221,7 @@ def test_chat_one_shot(default_model):
 def test_chat_interactive_keeps_history(default_model):
     """Turn by turn through stdin: each answer comes before the next message is written, the
     second question ("that city") can only be answered from the first, and /exit ends it."""
-    proc = popen("chat", "--temperature", "0", "--max-tokens", "24")
+    proc = popen("chat", "--temperature", "0", "--max-tokens", "24", "--exact")
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:

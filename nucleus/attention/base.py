@@ -12,10 +12,12 @@ inside a captured CUDA graph also build decode metadata over the runner's static
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from nucleus.config import ModelConfig
@@ -38,10 +40,7 @@ class KVCache:
         device: torch.device | str,
     ) -> KVCache:
         shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
-        return cls(
-            k=torch.zeros(shape, dtype=dtype, device=device),
-            v=torch.zeros(shape, dtype=dtype, device=device),
-        )
+        return cls(k=_zeros(shape, dtype, device), v=_zeros(shape, dtype, device))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -59,6 +58,15 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros; on the CPU as pages the OS maps lazily (numpy's calloc), so a cache of gigabytes
+    costs memory only as it fills."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def long_tensor(values: list, device: torch.device | str) -> torch.Tensor:

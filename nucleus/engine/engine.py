@@ -10,18 +10,20 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from nucleus.cpu.model import CpuModel
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
-from nucleus.engine.runner import ModelRunner, auto_num_blocks
 from nucleus.engine.scheduler import Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
-from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from nucleus.model import Transformer
 
 
 @dataclass
@@ -60,13 +62,42 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Any, config: EngineConfig | None = None):
+    def __init__(
+        self, model: Transformer | CpuModel, tokenizer: Any, config: EngineConfig | None = None
+    ):
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
         limit = mc.max_position_embeddings or config.max_model_len or 8192
         self.max_model_len = min(config.max_model_len or limit, limit)
+        self.stop_token_ids = frozenset(getattr(tokenizer, "stop_tokens", ()) or ())
+        if isinstance(model, CpuModel):
+            num_blocks, self.runner = self._cpu_runner(model)
+        else:
+            num_blocks, self.runner = self._torch_runner(model)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            max_model_len=self.max_model_len,
+            stop_token_ids=self.stop_token_ids,
+        )
+        self._special_ids = (
+            frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
+            | self.stop_token_ids
+        )
+        self.requests: dict[str, _Request] = {}
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    def _torch_runner(self, model: Transformer) -> tuple[int, Any]:
+        from nucleus.engine.runner import ModelRunner, auto_num_blocks
+
+        config = self.config
         device = model.tok_embeddings.weight.device
         kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
         num_blocks = config.num_kv_blocks or auto_num_blocks(
@@ -78,18 +109,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             memory_fraction=config.memory_fraction,
         )
-        self.stop_token_ids = frozenset(getattr(tokenizer, "stop_tokens", ()) or ())
-        self.block_manager = BlockManager(
-            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(
-            self.block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
-            max_model_len=self.max_model_len,
-            stop_token_ids=self.stop_token_ids,
-        )
-        self.runner = ModelRunner(
+        runner = ModelRunner(
             model,
             num_kv_blocks=num_blocks,
             block_size=config.block_size,
@@ -100,13 +120,29 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
             attention_backend=config.attention_backend,
         )
-        self._special_ids = (
-            frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
-            | self.stop_token_ids
+        return num_blocks, runner
+
+    def _cpu_runner(self, model: CpuModel) -> tuple[int, Any]:
+        """The C model's runner (a float32 cache, the C attention: no other choice applies)."""
+        from nucleus.cpu.runner import CpuRunner, auto_num_blocks
+
+        config = self.config
+        if config.kv_dtype is not None and str(config.kv_dtype).removeprefix("torch.") != "float32":
+            raise ValueError(f"the CPU GGUF path keeps a float32 KV cache, not {config.kv_dtype}")
+        num_blocks = config.num_kv_blocks or auto_num_blocks(
+            model,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            memory_fraction=config.memory_fraction,
         )
-        self.requests: dict[str, _Request] = {}
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
+        runner = CpuRunner(
+            model,
+            num_kv_blocks=num_blocks,
+            block_size=config.block_size,
+            stop_token_ids=self.stop_token_ids,
+        )
+        return num_blocks, runner
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(

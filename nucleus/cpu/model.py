@@ -1,0 +1,198 @@
+"""`CpuModel`: a llama GGUF file run by the C forward pass, its weights left in the file's blocks.
+
+The weights are the memory-mapped tensors of the file, never copied or converted: a model takes
+the memory of its file (pages the OS reads in as they are used), and loading it is parsing the
+metadata. Each step is one call into `nucleus/kernels/llama_forward.c`, which quantizes every
+matrix product's input to 8 bits per block and multiplies the file's blocks with integer dot
+products, as llama.cpp does (`nucleus/kernels/quantized.c` states the error this allows). The
+logits of the rows that need them are one more product with the output matrix.
+
+No torch here: this is what `nucleus generate` runs on the CPU. `nucleus.cpu.runner` drives it
+for the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from nucleus.config import ModelConfig
+from nucleus.kernels import library
+from nucleus.loaders.gguf_file import GGML_TYPES, GGUFFile, base_frequencies, open_gguf
+
+# GGML type ids by name (the C kernels' enum in nucleus/kernels/kernels.h uses the same ids).
+TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class Matrix(ctypes.Structure):
+    """`nc_matrix`: a (rows, cols) matrix of a GGML type, row-major blocks."""
+
+    _fields_ = [("data", _ptr), ("type", _i64), ("rows", _i64), ("cols", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, Matrix) for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + [
+        ("attn_norm", _ptr),
+        ("ffn_norm", _ptr),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("n_layers", _i64),
+        ("dim", _i64),
+        ("n_heads", _i64),
+        ("n_kv_heads", _i64),
+        ("head_dim", _i64),
+        ("ffn_dim", _i64),
+        ("vocab", _i64),
+        ("norm_eps", ctypes.c_float),
+        ("rope_freqs", _ptr),
+        ("tok_embd", Matrix),
+        ("norm", _ptr),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+class Batch(ctypes.Structure):
+    """`nc_batch`: one step's KV cache, flat batch, sequences and output."""
+
+    _fields_ = [
+        ("k_cache", _ptr),
+        ("v_cache", _ptr),
+        ("num_blocks", _i64),
+        ("block_size", _i64),
+        ("tokens", _ptr),
+        ("positions", _ptr),
+        ("slots", _ptr),
+        ("num_tokens", _i64),
+        ("seq_start", _ptr),
+        ("seq_len", _ptr),
+        ("seq_context", _ptr),
+        ("block_tables", _ptr),
+        ("num_seqs", _i64),
+        ("table_width", _i64),
+        ("hidden", _ptr),
+        ("num_threads", _i64),
+    ]
+
+
+_FORWARD_ERRORS = {
+    -1: (MemoryError, "the CPU forward pass could not allocate its scratch space"),
+    -2: (IndexError, "a token, KV slot or block id of the step is out of range"),
+}
+
+
+class CpuModel:
+    """A llama GGUF model for the C forward pass.
+
+    `forward` returns the final normed hidden states of a step's rows (`Transformer.forward`'s
+    result) and stores their keys and values in a `CpuKVCache`; `logits` multiplies some of them
+    by the output matrix. Both take `num_threads` threads.
+    """
+
+    def __init__(self, file: GGUFFile, *, num_threads: int | None = None) -> None:
+        self.file = file  # keeps the memory map, which the matrices point into, alive
+        self.config: ModelConfig = file.config
+        self.name = file.path.name
+        self.num_threads = num_threads or library.default_num_threads()
+        self._lib = library.require()
+        c = self.config
+        self._keep: list[np.ndarray] = []  # float32 copies of norm weights stored otherwise
+        layers = (_Layer * c.n_layers)()
+        for i, layer in enumerate(layers):
+            p = f"layers.{i}."
+            for field, name in (
+                ("wq", "attention.wq"),
+                ("wk", "attention.wk"),
+                ("wv", "attention.wv"),
+                ("wo", "attention.wo"),
+                ("w1", "feed_forward.w1"),
+                ("w2", "feed_forward.w2"),
+                ("w3", "feed_forward.w3"),
+            ):
+                setattr(layer, field, self.matrix(p + name + ".weight"))
+            layer.attn_norm = self._vector(p + "attention_norm.weight")
+            layer.ffn_norm = self._vector(p + "ffn_norm.weight")
+        self._layers = layers
+        self.tok_embeddings = self.matrix("tok_embeddings.weight")
+        self.output = self.matrix("tok_embeddings.weight" if c.tie_embeddings else "output.weight")
+        # llama.cpp's frequencies: the base ones, divided by the file's rope_freqs if it has them.
+        freqs = base_frequencies(c.head_dim, c.rope_theta)
+        if file.rope_factors is not None:
+            freqs = freqs / file.rope_factors.astype(np.float64)
+        self._rope = np.ascontiguousarray(freqs, dtype=np.float32)
+        self._model = _Model(
+            n_layers=c.n_layers,
+            dim=c.dim,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            ffn_dim=c.ffn_hidden_dim,
+            vocab=c.vocab_size,
+            norm_eps=c.norm_eps,
+            rope_freqs=self._rope.ctypes.data,
+            tok_embd=self.tok_embeddings,
+            norm=self._vector("norm.weight"),
+            layers=layers,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, *, num_threads: int | None = None) -> CpuModel:
+        """Open a llama GGUF file (`nucleus.loaders.gguf_file.open_gguf` says what it checks)."""
+        return cls(open_gguf(path), num_threads=num_threads)
+
+    def matrix(self, name: str) -> Matrix:
+        """The file's tensor `name` (a Meta name) as the kernels' matrix: a view, no copy."""
+        t = self.file.tensors[name]
+        rows, cols = t.shape
+        return Matrix(t.raw.ctypes.data, TYPE_IDS[t.type_name], rows, cols)
+
+    def _vector(self, name: str) -> int:
+        """The address of a float32 vector (norm weights): the file's own if stored as F32, else
+        dequantized once."""
+        t = self.file.tensors[name]
+        if t.type_name == "F32":
+            data = t.raw.view(np.float32)
+        else:
+            (cols,) = t.shape
+            row = Matrix(t.raw.ctypes.data, TYPE_IDS[t.type_name], 1, cols)
+            data = np.empty(cols, dtype=np.float32)
+            self._lib.dequantize_rows_f32(ctypes.addressof(row), 0, 1, data.ctypes.data)
+        self._keep.append(data)
+        return data.ctypes.data
+
+    def forward(self, batch: Batch, hidden: np.ndarray) -> np.ndarray:
+        """Run one step (`batch` filled by the caller, its `hidden` pointing at `hidden`, a
+        float32 `(num_tokens, dim)` array, which is returned)."""
+        batch.hidden = hidden.ctypes.data
+        batch.num_threads = self.num_threads
+        status = self._lib.llama_forward(ctypes.addressof(self._model), ctypes.addressof(batch))
+        if status:
+            error, message = _FORWARD_ERRORS.get(status, (RuntimeError, f"status {status}"))
+            raise error(message)
+        return hidden
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Float32 logits `(n, vocab)` of hidden states `(n, dim)`."""
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        out = np.empty((hidden.shape[0], self.config.vocab_size), dtype=np.float32)
+        linear(self.output, hidden, out, self.num_threads)
+        return out
+
+
+def linear(w: Matrix, x: np.ndarray, out: np.ndarray, num_threads: int) -> np.ndarray:
+    """`out (M, N) = x (M, K) @ w.T` through the kernels' 8-bit activations (float32 for float
+    weights); `x` and `out` contiguous float32."""
+    status = library.require().quantized_linear_f32(
+        ctypes.addressof(w), x.ctypes.data, x.shape[0], out.ctypes.data, num_threads
+    )
+    if status == -1:
+        raise MemoryError("the quantized linear kernel could not allocate its scratch space")
+    if status:
+        raise ValueError(f"the kernels cannot multiply a matrix of GGML type {w.type}")
+    return out
