@@ -210,6 +210,23 @@ def _version() -> str:
         return "(not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked (reading the package metadata takes a while)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: Any):
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show the version and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(f"nucleus {_version()}")
+        parser.exit()
+
+
 def build_parser(*, serve_options: bool = False) -> _Parser:
     """The whole command line; `serve`'s own flags only with `serve_options` (they import the
     server, FastAPI included, which `generate` and `chat` do not need)."""
@@ -221,7 +238,7 @@ def build_parser(*, serve_options: bool = False) -> _Parser:
         epilog="Run 'nucleus COMMAND --help' for the options of a command. Set NUCLEUS_DEBUG=1 "
         "to see tracebacks.",
     )
-    parser.add_argument("--version", action="version", version=f"nucleus {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", title="commands", parser_class=_Parser
     )

@@ -17,10 +17,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from nucleus.config import ModelConfig
+from nucleus.engine.kv_budget import lazy_zeros
 
 
 @dataclass
@@ -61,12 +61,12 @@ class KVCache:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """Zeros; on the CPU as pages the OS maps lazily (numpy's calloc), so a cache of gigabytes
-    costs memory only as it fills."""
+    """Zeros; on the CPU as pages the OS maps lazily (`kv_budget.lazy_zeros`), so a cache of
+    gigabytes costs memory only as it fills."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    return torch.from_numpy(lazy_zeros(nbytes)).view(dtype).view(shape)
 
 
 def long_tensor(values: list, device: torch.device | str) -> torch.Tensor:

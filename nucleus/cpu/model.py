@@ -1,8 +1,10 @@
 """`CpuModel`: a llama GGUF file run by the C forward pass, its weights left in the file's blocks.
 
-The weights are the memory-mapped tensors of the file, never copied or converted: a model takes
-the memory of its file (pages the OS reads in as they are used), and loading it is parsing the
-metadata. Each step is one call into `nucleus/kernels/llama_forward.c`, which quantizes every
+The weights stay in the file's quantized blocks, never converted to float: K-quant and float
+tensors are used where they lie in the memory-mapped file (pages the OS reads in as they are
+used); Q4_0, Q4_1 and Q8_0 matrices are copied once into the kernels' interleaved layout (the same
+bytes, 8 rows side by side), and their file pages released. A model takes about the memory of its
+file. Each step is one call into `nucleus/kernels/llama_forward.c`, which quantizes every
 matrix product's input to 8 bits per block and multiplies the file's blocks with integer dot
 products, as llama.cpp does (`nucleus/kernels/quantized.c` states the error this allows). The
 logits of the rows that need them are one more product with the output matrix.
@@ -24,6 +26,8 @@ from nucleus.loaders.gguf_file import GGML_TYPES, GGUFFile, base_frequencies, op
 
 # GGML type ids by name (the C kernels' enum in nucleus/kernels/kernels.h uses the same ids).
 TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
+# Types the kernels multiply interleaved by 8 rows (`repack_rows8` in nucleus/kernels/quantized.c).
+REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -102,7 +106,8 @@ class CpuModel:
         self.num_threads = num_threads or library.default_num_threads()
         self._lib = library.require()
         c = self.config
-        self._keep: list[np.ndarray] = []  # float32 copies of norm weights stored otherwise
+        self._keep: list[np.ndarray] = []  # arrays the matrices and vectors point into
+        self._matrices: dict[str, Matrix] = {}
         layers = (_Layer * c.n_layers)()
         for i, layer in enumerate(layers):
             p = f"layers.{i}."
@@ -147,10 +152,22 @@ class CpuModel:
         return cls(open_gguf(path), num_threads=num_threads)
 
     def matrix(self, name: str) -> Matrix:
-        """The file's tensor `name` (a Meta name) as the kernels' matrix: a view, no copy."""
+        """The file's tensor `name` (a Meta name; a vector is one row) as the kernels' matrix:
+        a view of the file, or for Q4_0/Q4_1/Q8_0 the same bytes interleaved by 8 rows (made
+        once; the file's pages of it are then released)."""
+        if name in self._matrices:
+            return self._matrices[name]
         t = self.file.tensors[name]
-        rows, cols = t.shape
-        return Matrix(t.raw.ctypes.data, TYPE_IDS[t.type_name], rows, cols)
+        rows, cols = t.shape if len(t.shape) == 2 else (1, t.shape[0])
+        type_id = TYPE_IDS[t.type_name]
+        data = t.raw
+        if t.type_name in REPACKED_TYPES:
+            data = np.empty(self._lib.repacked_bytes(type_id, rows, cols), dtype=np.uint8)
+            self._lib.repack_rows8(type_id, t.raw.ctypes.data, rows, cols, data.ctypes.data)
+            t.release()
+        self._keep.append(data)
+        matrix = self._matrices[name] = Matrix(data.ctypes.data, type_id, rows, cols)
+        return matrix
 
     def _vector(self, name: str) -> int:
         """The address of a float32 vector (norm weights): the file's own if stored as F32, else
@@ -159,9 +176,8 @@ class CpuModel:
         if t.type_name == "F32":
             data = t.raw.view(np.float32)
         else:
-            (cols,) = t.shape
-            row = Matrix(t.raw.ctypes.data, TYPE_IDS[t.type_name], 1, cols)
-            data = np.empty(cols, dtype=np.float32)
+            data = np.empty(t.shape[0], dtype=np.float32)
+            row = self.matrix(name)
             self._lib.dequantize_rows_f32(ctypes.addressof(row), 0, 1, data.ctypes.data)
         self._keep.append(data)
         return data.ctypes.data

@@ -1,7 +1,7 @@
 """`CpuRunner`: the engine's model runner for a `CpuModel`, without torch on the common path.
 
-It owns the KV cache (float32 numpy arrays of lazily mapped zero pages: resident memory grows
-with the tokens held), lays each scheduled batch out for the C forward pass and picks the tokens.
+It owns the KV cache (float32 arrays of lazily mapped zero pages, `kv_budget.lazy_zeros`:
+resident memory grows with the tokens held), lays each scheduled batch out for the C forward pass and picks the tokens.
 A step whose sampled rows are all plain greedy (temperature 0, no penalties, biases, bans,
 logprobs or constraints) is finished here: logits, argmax, the non-finite check. Any other step
 goes to `nucleus.cpu.torch_runner.CpuModelRunner`, the engine's `ModelRunner` sampling over the
@@ -12,6 +12,7 @@ sampler the other devices use.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -88,8 +89,9 @@ class CpuRunner:
         self.stop_token_ids = frozenset(stop_token_ids)
         c = model.config
         shape = (c.n_layers, num_kv_blocks, block_size, c.n_kv_heads, c.head_dim)
-        self.k_cache = np.zeros(shape, dtype=np.float32)  # untouched zero pages until used
-        self.v_cache = np.zeros(shape, dtype=np.float32)
+        nbytes = 4 * math.prod(shape)
+        self.k_cache = kv_budget.lazy_zeros(nbytes).view(np.float32).reshape(shape)
+        self.v_cache = kv_budget.lazy_zeros(nbytes).view(np.float32).reshape(shape)
         self._batch = Batch(
             k_cache=self.k_cache.ctypes.data,
             v_cache=self.v_cache.ctypes.data,

@@ -2,14 +2,17 @@
 
 The cache never needs more than `max_num_seqs` sequences of `max_model_len` tokens each: that is
 its size unless memory is shorter (CUDA: a fraction of what is free after the weights; CPU: of the
-available RAM, capped). On the CPU the cache is allocated as untouched zero pages
-(`numpy.zeros`, which the OS maps lazily), so its resident memory grows with the tokens it holds,
-not with its size. docs/cpu.md says this for users.
+available RAM, capped). On the CPU the cache is allocated as untouched zero pages (`lazy_zeros`),
+so its resident memory grows with the tokens it holds, not with its size. docs/cpu.md says this
+for users.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+
+import numpy as np
 
 GiB = 1 << 30
 
@@ -56,3 +59,13 @@ def num_kv_blocks(
             f"on {where}: lower max_model_len or set num_kv_blocks"
         )
     return num
+
+
+def lazy_zeros(nbytes: int) -> np.ndarray:
+    """`nbytes` of zeros (uint8) that take memory only where they are written: an anonymous
+    mapping, in small pages. A cache touched at scattered places would otherwise get a 2 MB huge
+    page for each (transparent huge pages), hundreds of MB for a few tokens."""
+    mapping = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mapping, dtype=np.uint8)[:nbytes]

@@ -32,10 +32,12 @@ typedef struct {
 } nc_matrix;
 
 /* 32 activations as `d * q`: d is float16-rounded, as llama.cpp stores it; s = d * sum(q) (also
- * float16-rounded, from the unrounded d) serves the Q4_1 minimum. */
+ * float16-rounded, from the unrounded d) serves the Q4_1 minimum, sum(q) itself the offsets of
+ * Q4_0's and Q8_0's stored values. */
 typedef struct {
-    float d, s;
     int8_t q[32];
+    float d, s;
+    int32_t sum;
 } act_q8_32;
 
 /* 256 activations as `d * q` (d float32, possibly negative), with the sums of each 16 q. */
@@ -44,6 +46,11 @@ typedef struct {
     int16_t bsums[16];
     int8_t q[256];
 } act_q8_256;
+
+/* A (rows, cols) Q4_0/Q4_1/Q8_0 matrix is multiplied in the interleaved layout repack_rows8 makes
+ * (repacked_bytes long); nc_matrix.data then points at that. */
+int64_t repacked_bytes(int64_t type, int64_t rows, int64_t cols);
+void repack_rows8(int64_t type, const void *src, int64_t rows, int64_t cols, void *dst);
 
 int act_kind(int64_t type);
 int64_t act_row_bytes(int kind, int64_t cols);

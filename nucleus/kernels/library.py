@@ -63,6 +63,8 @@ _SIGNATURES: dict[str, tuple[list, type | None]] = {
     "quantize_activations_f32": ([i64, ptr, i64, i64, ptr], None),
     "dequantize_rows_f32": ([ptr, i64, i64, ptr], None),
     "llama_forward": ([ptr, ptr], i32),
+    "repacked_bytes": ([i64, i64, i64], i64),
+    "repack_rows8": ([i64, ptr, i64, i64, ptr], None),
 }
 
 
@@ -116,6 +118,10 @@ def load() -> ctypes.CDLL | None:
         if os.environ.get("NUCLEUS_CPU_KERNELS", "1") == "0":
             _unavailable = True
             return None
+        # Threads between parallel regions sleep rather than spin: the kernels' own barriers
+        # (nucleus/kernels/team.c) do the waiting inside a step, and a thread spinning between
+        # steps takes a core from Python's work on them (read when libgomp loads, with the library).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             target = _library_path()
             if not target.exists():

@@ -33,6 +33,38 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return total;
 }
 
+#ifdef __AVX2__
+/* dot(a, k[i], n) for 8 rows k[i] at once, n a multiple of 16, each summed in `dot`'s order: two
+ * accumulators, added, then the 8 lanes as hsum8 adds them ((0+4)+(2+6)) + ((1+5)+(3+7)), the
+ * reductions of the 8 done side by side. */
+static inline __m256 dot8(const float *a, const float *const *k, int64_t n) {
+    __m256 v[8];
+    for (int i = 0; i < 8; i++) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < n; d += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(k[i] + d), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(k[i] + d + 8), s1);
+        }
+        v[i] = _mm256_add_ps(s0, s1);
+    }
+    /* lanes l and l + 4 of each: [v0 | v1] pairs -> x_i = (l0+l4, l1+l5, l2+l6, l3+l7) */
+    __m256 x[4];
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    /* (x0 + x2), (x1 + x3) of each, then their sum */
+    const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* y0 = [v0: a b | v2: a b | v1: a b | v3: a b] (a = x0+x2, b = x1+x3); likewise y1 for 4-7 */
+    const __m256 z = _mm256_add_ps(_mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* z = [v0 v2 v4 v6 | v1 v3 v5 v7]: into order */
+    return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+#endif
+
 /* row[i] = exp(row[i] - max(row)) / sum, in place. */
 static void softmax(float *row, int64_t n) {
     float peak = -INFINITY;
@@ -68,7 +100,22 @@ void decode_task(const float *q, const float *k_cache, const float *v_cache, flo
     const int64_t block_stride = block_size * row_stride;
     const int64_t kv_offset = g * head_dim;
 
-    for (int64_t pos = 0; pos < context; pos++) {
+    int64_t pos = 0;
+#ifdef __AVX2__
+    if (head_dim % 16 == 0) /* eight positions at a time, summed as `dot` sums one */
+        for (; pos + 8 <= context; pos += 8) {
+            const float *k[8];
+            for (int i = 0; i < 8; i++)
+                k[i] = k_cache + table[(pos + i) / block_size] * block_stride +
+                       ((pos + i) % block_size) * row_stride + kv_offset;
+            for (int64_t j = 0; j < group; j++) {
+                const __m256 s = _mm256_mul_ps(dot8(q + (g * group + j) * head_dim, k, head_dim),
+                                               _mm256_set1_ps(shape->scale));
+                _mm256_storeu_ps(scores + j * context + pos, s);
+            }
+        }
+#endif
+    for (; pos < context; pos++) {
         const float *k = k_cache + table[pos / block_size] * block_stride +
                          (pos % block_size) * row_stride + kv_offset;
         for (int64_t j = 0; j < group; j++)

@@ -185,6 +185,7 @@ static void quantize_row_q8_32(const float *x, int64_t K, act_q8_32 *out) {
 #endif
         out[b].d = round_to_f16(d);
         out[b].s = round_to_f16(d * (float)sum);
+        out[b].sum = sum;
     }
 }
 
@@ -233,6 +234,82 @@ void quantize_rows(const team *t, int kind, const float *x, int64_t ldx, int64_t
     for (int64_t m = lo; m < hi; m++) quantize_row(kind, x + m * ldx, K, (char *)out + m * row_bytes);
 }
 
+/* ---- blocks of 32 (Q4_0, Q4_1, Q8_0), eight rows interleaved ---------------------------------
+ *
+ * These matrices are multiplied in a layout of their own, made once when the model is loaded
+ * (repack_rows8: the same bytes, rearranged): for each group of 8 rows and each block of 32
+ * columns, the 8 rows' scales (float16), the 8 minimums for Q4_1, then the values in groups of 4
+ * columns, each group the 8 rows' 4 values side by side (32 bytes: Q8_0 has 8 such groups, stored
+ * as w + 128; Q4_0/Q4_1 have 4, whose low nibbles are columns 4g..4g+3 and high nibbles columns
+ * 16+4g..16+4g+3, as in the file's blocks). One `dpbusd` of a group with 4 activations broadcast
+ * to every lane then adds 4 products to each of the 8 rows' sums: the lanes are the rows, so the
+ * block's scales multiply all 8 sums at once and no sum crosses lanes. llama.cpp's repacked Q4_0
+ * ("q4_0_8x8") is the same idea. */
+
+#define ROWS8 8
+
+/* Bytes of one block of 8 interleaved rows. */
+static int64_t group_block_bytes(int64_t type) {
+    return type == GGML_Q4_0 ? 144 : type == GGML_Q4_1 ? 160 : 272;
+}
+
+int64_t repacked_bytes(int64_t type, int64_t rows, int64_t cols) {
+    return (rows + ROWS8 - 1) / ROWS8 * (cols / QK) * group_block_bytes(type);
+}
+
+/* The interleaved form of a (rows, cols) Q4_0/Q4_1/Q8_0 matrix; rows past the last are zeros. */
+void repack_rows8(int64_t type, const void *src, int64_t rows, int64_t cols, void *dst) {
+    const int64_t nb = cols / QK, bb = block_bytes(type), gb = group_block_bytes(type);
+    const int64_t groups = (rows + ROWS8 - 1) / ROWS8;
+    const int scale_fields = type == GGML_Q4_1 ? 2 : 1, q_offset = 2 * scale_fields;
+    const int q_bytes = type == GGML_Q8_0 ? 32 : 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = (uint8_t *)dst + (g * nb + b) * gb;
+            memset(out, 0, gb);
+            for (int r = 0; r < ROWS8 && g * ROWS8 + r < rows; r++) {
+                const uint8_t *blk = (const uint8_t *)src + ((g * ROWS8 + r) * nb + b) * bb;
+                for (int f = 0; f < scale_fields; f++) memcpy(out + 16 * f + 2 * r, blk + 2 * f, 2);
+                uint8_t *values = out + 16 * scale_fields;
+                for (int j = 0; j < q_bytes / 4; j++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t byte = blk[q_offset + 4 * j + i];
+                        values[32 * j + 4 * r + i] = type == GGML_Q8_0 ? byte ^ 0x80 : byte;
+                    }
+            }
+        }
+}
+
+/* Column k of row r of block b of an interleaved group (for dequantize_row and the scalar path):
+ * the integer value as stored (Q4: 0..15, Q8_0: w + 128). */
+static inline int stored_value(int64_t type, const uint8_t *gblk, int r, int k) {
+    const uint8_t *values = gblk + (type == GGML_Q4_1 ? 32 : 16);
+    if (type == GGML_Q8_0) return values[32 * (k / 4) + 4 * r + k % 4];
+    const uint8_t byte = values[32 * ((k % 16) / 4) + 4 * r + k % 4];
+    return k < 16 ? byte & 0x0F : byte >> 4;
+}
+
+/* The offset the integer sums take away: Q4_0 stores q + 8, Q8_0 w + 128. */
+static inline int value_offset(int64_t type) {
+    return type == GGML_Q4_0 ? 8 : type == GGML_Q8_0 ? 128 : 0;
+}
+
+static void dequantize_row8(const nc_matrix *w, int64_t row, float *out) {
+    const int64_t type = w->type, nb = w->cols / QK, gb = group_block_bytes(type);
+    const uint8_t *group = (const uint8_t *)w->data + (row / ROWS8) * nb * gb;
+    const int r = (int)(row % ROWS8), offset = value_offset(type);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gblk = group + b * gb;
+        const float d = fp16_to_f32(gblk + 2 * r);
+        const float m = type == GGML_Q4_1 ? fp16_to_f32(gblk + 16 + 2 * r) : 0.0f;
+        for (int k = 0; k < QK; k++) {
+            const float q = (float)(stored_value(type, gblk, r, k) - offset);
+            out[b * QK + k] = type == GGML_Q4_1 ? d * q + m : type == GGML_Q8_0 ? q * d : d * q;
+        }
+    }
+}
+
 /* ---- weights to float ------------------------------------------------------------------------ */
 
 /* The eight 6-bit scales and mins of a Q4_K/Q5_K super-block (12 packed bytes). */
@@ -258,6 +335,10 @@ void dequantize_row(const nc_matrix *w, int64_t row, float *out) {
             for (int64_t k = 0; k < K; k++) out[k] = bf16_to_f32(p + 2 * k);
             return;
         default: break;
+    }
+    if (act_kind(type) == ACT_Q8_32) {
+        dequantize_row8(w, row, out);
+        return;
     }
     for (int64_t b = 0; b < K / block_values(type); b++, p += bb) {
         float *o = out + b * block_values(type);
@@ -306,106 +387,126 @@ void dequantize_row(const nc_matrix *w, int64_t row, float *out) {
     }
 }
 
-/* ---- blocks of 32 (Q4_0, Q4_1, Q8_0) --------------------------------------------------------- */
-
 #ifdef __AVX2__
-/* sum over each group of 4 of u8 a times s8 b: 8 x int32. */
-static inline __m256i dot_u8s8(__m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#define DPBUSD(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+#endif
+
+/* Sums of the 8 rows (lanes) of one interleaved block with one row of activations: `w` the 8
+ * operands (groups of 4 columns, unsigned), x the activations. */
+static inline __attribute__((always_inline)) __m256i block8_sums(const int type, const __m256i *w,
+                                                                const act_q8_32 *x) {
+#define XB(k) _mm256_set1_epi32(*(const int32_t *)(x->q + 4 * (k)))
+#ifdef DPBUSD
+    (void)type;
+    __m256i s0 = DPBUSD(_mm256_setzero_si256(), w[0], XB(0));
+    __m256i s1 = DPBUSD(_mm256_setzero_si256(), w[1], XB(1));
+    __m256i s2 = DPBUSD(_mm256_setzero_si256(), w[2], XB(2));
+    __m256i s3 = DPBUSD(_mm256_setzero_si256(), w[3], XB(3));
+    s0 = DPBUSD(s0, w[4], XB(4));
+    s1 = DPBUSD(s1, w[5], XB(5));
+    s2 = DPBUSD(s2, w[6], XB(6));
+    s3 = DPBUSD(s3, w[7], XB(7));
+    return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sum = _mm256_setzero_si256();
+    if (type == GGML_Q8_0) { /* w + 128 overflows maddubs' pairs: back to signed, sign trick */
+        for (int k = 0; k < 8; k++) {
+            const __m256i ws = _mm256_xor_si256(w[k], _mm256_set1_epi8((char)0x80));
+            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(ws, ws),
+                                                   _mm256_sign_epi8(XB(k), ws));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+        }
+    } else { /* 4-bit: two operands' pairs fit one int16 */
+        for (int k = 0; k < 4; k++) {
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w[k], XB(k)),
+                                               _mm256_maddubs_epi16(w[k + 4], XB(k + 4)));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+        }
+    }
+    return sum;
+#endif
+#undef XB
+}
+
+/* Whether the sums above include the stored offset (they do but for Q8_0 without VNNI). */
+static inline int sums_include_offset(const int type) {
+#ifdef DPBUSD
+    return type != GGML_Q4_1;
+#else
+    return type == GGML_Q4_0;
 #endif
 }
 
-/* 16 bytes of 4-bit values -> 32 bytes: low nibbles (values 0-15), then high (16-31). */
-static inline __m256i nibbles_32(const uint8_t *qs) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
-}
-
-/* One weight block ready to multiply: `u` the bytes that go in unsigned (|w|, or the Q4_1
- * nibbles), `w` the signed values (for the sign trick), `d` and `m` its scale and minimum. */
-typedef struct {
-    __m256i u, w;
-    float d, m;
-} wblock32;
-
-static inline __attribute__((always_inline)) wblock32 load_block32(const int type,
-                                                                   const uint8_t *p) {
-    wblock32 b;
-    b.d = fp16_to_f32(p);
-    b.m = 0.0f;
-    if (type == GGML_Q4_1) {
-        b.m = fp16_to_f32(p + 2);
-        b.u = nibbles_32(p + 4);
-        b.w = b.u;
-    } else {
-        b.w = type == GGML_Q4_0 ? _mm256_sub_epi8(nibbles_32(p + 2), _mm256_set1_epi8(8))
-                                : _mm256_loadu_si256((const __m256i *)(p + 2));
-        b.u = _mm256_sign_epi8(b.w, b.w);
-    }
-    return b;
-}
-
-/* y[c * ldy + r] for weight rows r < NR (row bytes `wstride`) and activation rows c < MR (blocks
- * `astride` apart): llama.cpp's ggml_vec_dot_q4_0_q8_0 / q4_1_q8_1 / q8_0_q8_0 for each pair, the
- * weight blocks unpacked once for all MR rows. */
-static inline __attribute__((always_inline)) void tile32(const int type, const uint8_t *w,
-                                                         int64_t wstride, const act_q8_32 *a,
-                                                         int64_t astride, int64_t nb, float *y,
-                                                         int64_t ldy, const int NR,
-                                                         const int MR) {
-    __m256 acc[4][4];
-    float mins[4][4];
-    for (int r = 0; r < NR; r++)
-        for (int c = 0; c < MR; c++) {
-            acc[r][c] = _mm256_setzero_ps();
-            mins[r][c] = 0.0f;
-        }
-    const int64_t bb = type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : 34;
+/* y[c * ldy + r] for the 8 rows r of one group and activation rows c < MR. */
+static inline __attribute__((always_inline)) void tile8(const int type, const uint8_t *w,
+                                                        int64_t nb, const act_q8_32 *a,
+                                                        int64_t astride, float *y, int64_t ldy,
+                                                        int64_t nrows, const int MR) {
+    const int64_t gb = type == GGML_Q4_0 ? 144 : type == GGML_Q4_1 ? 160 : 272;
+    __m256 acc[4], macc[4];
+    for (int c = 0; c < MR; c++) acc[c] = macc[c] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        wblock32 wb[4];
-        for (int r = 0; r < NR; r++) wb[r] = load_block32(type, w + r * wstride + b * bb);
-        for (int c = 0; c < MR; c++) {
-            const act_q8_32 *ab = a + c * astride + b;
-            const __m256i x = _mm256_loadu_si256((const __m256i *)ab->q);
-            for (int r = 0; r < NR; r++) {
-                const __m256i xs = type == GGML_Q4_1 ? x : _mm256_sign_epi8(x, wb[r].w);
-                const __m256 sum = _mm256_cvtepi32_ps(dot_u8s8(wb[r].u, xs));
-                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wb[r].d * ab->d), sum, acc[r][c]);
-                if (type == GGML_Q4_1) mins[r][c] += wb[r].m * ab->s;
+        const uint8_t *p = w + b * gb;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 mw = type == GGML_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)))
+                                            : _mm256_setzero_ps();
+        const uint8_t *q = p + (type == GGML_Q4_1 ? 32 : 16);
+        __m256i wv[8];
+        if (type == GGML_Q8_0) {
+            for (int k = 0; k < 8; k++) wv[k] = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
+        } else {
+            for (int k = 0; k < 4; k++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
+                wv[k] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+                wv[k + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
             }
         }
+        for (int c = 0; c < MR; c++) {
+            const act_q8_32 *x = a + c * astride + b;
+            __m256i sums = block8_sums(type, wv, x);
+            if (sums_include_offset(type))
+                sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(value_offset(type) * x->sum));
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x->d));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[c]);
+            if (type == GGML_Q4_1) macc[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x->s), macc[c]);
+        }
     }
-    for (int r = 0; r < NR; r++)
-        for (int c = 0; c < MR; c++) y[c * ldy + r] = hsum8(acc[r][c]) + mins[r][c];
+    for (int c = 0; c < MR; c++) {
+        const __m256 out = type == GGML_Q4_1 ? _mm256_add_ps(acc[c], macc[c]) : acc[c];
+        if (nrows == ROWS8) _mm256_storeu_ps(y + c * ldy, out);
+        else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, out);
+            for (int r = 0; r < nrows; r++) y[c * ldy + r] = tmp[r];
+        }
+    }
 }
 #endif
 
-/* The portable form of tile32, one pair at a time. */
 #ifndef __AVX2__
-static void dot32_scalar(int64_t type, const uint8_t *w, const act_q8_32 *a, int64_t nb,
-                         float *y) {
-    float total = 0.0f;
-    const int64_t bb = block_bytes(type);
-    for (int64_t b = 0; b < nb; b++, w += bb) {
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            int q;
-            if (type == GGML_Q8_0) q = (int8_t)w[2 + j];
-            else {
-                const uint8_t byte = w[(type == GGML_Q4_1 ? 4 : 2) + j % 16];
-                q = (j < 16 ? byte & 0x0F : byte >> 4) - (type == GGML_Q4_0 ? 8 : 0);
+/* The portable form of tile8: one (row, activation row) pair at a time, the same integer sums. */
+static void tile8_scalar(int64_t type, const uint8_t *w, int64_t nb, const act_q8_32 *a,
+                         int64_t astride, float *y, int64_t ldy, int64_t nrows, int64_t M) {
+    const int64_t gb = group_block_bytes(type);
+    const int offset = value_offset(type);
+    for (int64_t c = 0; c < M; c++)
+        for (int r = 0; r < nrows; r++) {
+            float total = 0.0f, mins = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *gblk = w + b * gb;
+                const act_q8_32 *x = a + c * astride + b;
+                int sum = 0;
+                for (int k = 0; k < QK; k++) sum += stored_value(type, gblk, r, k) * x->q[k];
+                if (type != GGML_Q4_1) sum -= offset * x->sum;
+                total += (float)sum * (fp16_to_f32(gblk + 2 * r) * x->d);
+                if (type == GGML_Q4_1) mins += fp16_to_f32(gblk + 16 + 2 * r) * x->s;
             }
-            sum += q * a[b].q[j];
+            y[c * ldy + r] = total + mins;
         }
-        total += fp16_to_f32(w) * a[b].d * (float)sum;
-        if (type == GGML_Q4_1) total += fp16_to_f32(w + 2) * a[b].s;
-    }
-    *y = total;
 }
 #endif
 
@@ -595,8 +696,7 @@ static void dot_float_row(int64_t type, const uint8_t *w, const float *x, int64_
 
 /* ---- the product ----------------------------------------------------------------------------- */
 
-#define NR32 4 /* weight rows per tile (blocks of 32) */
-#define MR 4   /* activation rows per tile */
+#define MR 4 /* activation rows per tile */
 
 #define BY_MR(rows, call, ...)                \
     switch (rows) {                           \
@@ -606,41 +706,24 @@ static void dot_float_row(int64_t type, const uint8_t *w, const float *x, int64_
         default: call(__VA_ARGS__, 1); break; \
     }
 
-/* Weight rows [n0, n0 + NR) of a 32-block matrix times all M activation rows. */
-static inline __attribute__((always_inline)) void rows32(const int type, const uint8_t *wp,
-                                                         int64_t row_bytes, const act_q8_32 *a,
-                                                         int64_t nb, int64_t M, float *y,
-                                                         int64_t ldy, const int NR) {
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int rows = M - m0 < MR ? (int)(M - m0) : MR;
+/* Groups of 8 interleaved rows times all M activation rows. */
+static inline __attribute__((always_inline)) void matmul8(const team *tm, const int type,
+                                                          const nc_matrix *w, const act_q8_32 *a,
+                                                          int64_t M, float *y, int64_t ldy) {
+    const int64_t N = w->rows, nb = w->cols / QK, gb = group_block_bytes(type);
+    int64_t lo, hi;
+    team_range(tm, (N + ROWS8 - 1) / ROWS8, &lo, &hi);
+    for (int64_t g = lo; g < hi; g++) {
+        const uint8_t *wp = (const uint8_t *)w->data + g * nb * gb;
+        const int64_t n0 = g * ROWS8, nrows = N - n0 < ROWS8 ? N - n0 : ROWS8;
 #ifdef __AVX2__
-        if (NR == NR32) {
-            BY_MR(rows, tile32, type, wp, row_bytes, a + m0 * nb, nb, nb, y + m0 * ldy, ldy, NR32)
-        } else {
-            BY_MR(rows, tile32, type, wp, row_bytes, a + m0 * nb, nb, nb, y + m0 * ldy, ldy, 1)
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int rows = M - m0 < MR ? (int)(M - m0) : MR;
+            BY_MR(rows, tile8, type, wp, nb, a + m0 * nb, nb, y + m0 * ldy + n0, ldy, nrows)
         }
 #else
-        for (int r = 0; r < NR; r++)
-            for (int c = 0; c < rows; c++)
-                dot32_scalar(type, wp + r * row_bytes, a + (m0 + c) * nb, nb,
-                             y + (m0 + c) * ldy + r);
+        tile8_scalar(type, wp, nb, a, nb, y + n0, ldy, nrows, M);
 #endif
-    }
-}
-
-static inline __attribute__((always_inline)) void matmul32(const team *tm, const int type,
-                                                           const nc_matrix *w, const act_q8_32 *a,
-                                                           int64_t M, float *y, int64_t ldy) {
-    const int64_t N = w->rows, nb = w->cols / QK, row_bytes = weight_row_bytes(type, w->cols);
-    const uint8_t *data = w->data;
-    int64_t lo, hi;
-    team_range(tm, (N + NR32 - 1) / NR32, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) {
-        const int64_t n0 = t * NR32;
-        if (n0 + NR32 <= N) rows32(type, data + n0 * row_bytes, row_bytes, a, nb, M, y + n0, ldy, NR32);
-        else
-            for (int64_t n = n0; n < N; n++)
-                rows32(type, data + n * row_bytes, row_bytes, a, nb, M, y + n, ldy, 1);
     }
 }
 
@@ -662,9 +745,9 @@ static inline __attribute__((always_inline)) void matmul_k(const team *tm, const
 void matmul_rows(const team *t, const nc_matrix *w, const float *x, int64_t ldx, const void *xq,
                  int64_t M, float *y, int64_t ldy) {
     switch (w->type) {
-        case GGML_Q4_0: matmul32(t, GGML_Q4_0, w, xq, M, y, ldy); return;
-        case GGML_Q4_1: matmul32(t, GGML_Q4_1, w, xq, M, y, ldy); return;
-        case GGML_Q8_0: matmul32(t, GGML_Q8_0, w, xq, M, y, ldy); return;
+        case GGML_Q4_0: matmul8(t, GGML_Q4_0, w, xq, M, y, ldy); return;
+        case GGML_Q4_1: matmul8(t, GGML_Q4_1, w, xq, M, y, ldy); return;
+        case GGML_Q8_0: matmul8(t, GGML_Q8_0, w, xq, M, y, ldy); return;
         case GGML_Q4_K: matmul_k(t, GGML_Q4_K, w, xq, M, y, ldy); return;
         case GGML_Q5_K: matmul_k(t, GGML_Q5_K, w, xq, M, y, ldy); return;
         case GGML_Q6_K: matmul_k(t, GGML_Q6_K, w, xq, M, y, ldy); return;

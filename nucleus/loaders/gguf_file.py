@@ -15,9 +15,10 @@ pins this against transformers (which undoes the permutation into HF order) on t
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,21 @@ class TensorInfo:
     type_name: str
     shape: tuple[int, ...]
     raw: np.ndarray  # uint8
+    mapping: mmap.mmap = field(repr=False)
+    offset: int = 0  # of `raw` in the file
 
     @property
     def n_elements(self) -> int:
         return math.prod(self.shape)
+
+    def release(self) -> None:
+        """Drop this tensor's pages from the process (a caller that copied it into a form of its
+        own): they cost memory no more, and would be read from the file again if used."""
+        page = mmap.PAGESIZE
+        start = -(-self.offset // page) * page
+        end = (self.offset + self.raw.nbytes) // page * page
+        if end > start:
+            self.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class _Header:
@@ -158,10 +170,12 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
 
     A direct parser: `gguf.GGUFReader` builds a field object per metadata value, about a second
     for a 49k-token vocabulary, where this takes tens of milliseconds. The tensors' bytes are
-    views of one copy-on-write memory map (torch can view them as writable arrays without a copy;
-    nothing is ever written back to the file).
+    views of one private (copy-on-write) memory map: torch can view them as writable arrays
+    without a copy, and nothing is ever written back to the file.
     """
-    data = np.memmap(path, dtype=np.uint8, mode="c")
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data = np.frombuffer(mapping, dtype=np.uint8)
     h = _Header(memoryview(data))
     if h.scalar("4s") != GGUF_MAGIC:
         raise ValueError("no GGUF magic")
@@ -192,8 +206,8 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         size = math.prod(shape) // block_values * block_bytes if block_values else 0
         if start + offset + size > len(data):
             raise ValueError(f"tensor {name!r} runs past the end of the file")
-        raw = data[start + offset : start + offset + size].view(np.ndarray)
-        tensors.append(TensorInfo(name, type_name, shape, raw))
+        raw = data[start + offset : start + offset + size]
+        tensors.append(TensorInfo(name, type_name, shape, raw, mapping, start + offset))
     return metadata, tensors
 
 
