@@ -159,14 +159,11 @@ class CpuModel:
             return self._matrices[name]
         t = self.file.tensors[name]
         rows, cols = t.shape if len(t.shape) == 2 else (1, t.shape[0])
-        type_id = TYPE_IDS[t.type_name]
-        data = t.raw
-        if t.type_name in REPACKED_TYPES:
-            data = np.empty(self._lib.repacked_bytes(type_id, rows, cols), dtype=np.uint8)
-            self._lib.repack_rows8(type_id, t.raw.ctypes.data, rows, cols, data.ctypes.data)
+        matrix, data = as_matrix(t.type_name, t.raw, rows, cols)
+        if data is not t.raw:
             t.release()
         self._keep.append(data)
-        matrix = self._matrices[name] = Matrix(data.ctypes.data, type_id, rows, cols)
+        self._matrices[name] = matrix
         return matrix
 
     def _vector(self, name: str) -> int:
@@ -176,9 +173,7 @@ class CpuModel:
         if t.type_name == "F32":
             data = t.raw.view(np.float32)
         else:
-            data = np.empty(t.shape[0], dtype=np.float32)
-            row = self.matrix(name)
-            self._lib.dequantize_rows_f32(ctypes.addressof(row), 0, 1, data.ctypes.data)
+            data = dequantize_rows(self.matrix(name), range(1))[0]
         self._keep.append(data)
         return data.ctypes.data
 
@@ -199,6 +194,28 @@ class CpuModel:
         out = np.empty((hidden.shape[0], self.config.vocab_size), dtype=np.float32)
         linear(self.output, hidden, out, self.num_threads)
         return out
+
+
+def as_matrix(type_name: str, raw: np.ndarray, rows: int, cols: int) -> tuple[Matrix, np.ndarray]:
+    """The kernels' matrix of GGUF blocks `raw` (rows x cols of `type_name`), and the array it
+    points into (keep it alive): `raw` itself, or for Q4_0/Q4_1/Q8_0 its interleaved copy."""
+    lib = library.require()
+    type_id = TYPE_IDS[type_name]
+    data = raw
+    if type_name in REPACKED_TYPES:
+        data = np.empty(lib.repacked_bytes(type_id, rows, cols), dtype=np.uint8)
+        lib.repack_rows8(type_id, raw.ctypes.data, rows, cols, data.ctypes.data)
+    return Matrix(data.ctypes.data, type_id, rows, cols), data
+
+
+def dequantize_rows(w: Matrix, rows: range) -> np.ndarray:
+    """Rows of a kernels' matrix as float32, as its file's dequantizer gives them."""
+    out = np.empty((len(rows), w.cols), dtype=np.float32)
+    if len(rows):
+        library.require().dequantize_rows_f32(
+            ctypes.addressof(w), rows.start, len(rows), out.ctypes.data
+        )
+    return out
 
 
 def linear(w: Matrix, x: np.ndarray, out: np.ndarray, num_threads: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`CpuRunner`: the engine's model runner for a `CpuModel`, without torch on the common path.
 
-It owns the KV cache (float32 arrays of lazily mapped zero pages, `kv_budget.lazy_zeros`:
-resident memory grows with the tokens held), lays each scheduled batch out for the C forward pass and picks the tokens.
+It owns the KV cache (float16, as llama.cpp keeps it, in lazily mapped zero pages,
+`kv_budget.lazy_zeros`: resident memory grows with the tokens held), lays each scheduled batch out for the C forward pass and picks the tokens.
 A step whose sampled rows are all plain greedy (temperature 0, no penalties, biases, bans,
 logprobs or constraints) is finished here: logits, argmax, the non-finite check. Any other step
 goes to `nucleus.cpu.torch_runner.CpuModelRunner`, the engine's `ModelRunner` sampling over the
@@ -27,9 +27,9 @@ NONFINITE_ERROR = "the model's logits for this sequence are not finite (NaN/inf)
 
 
 def bytes_per_block(model: CpuModel, block_size: int) -> int:
-    """Float32 keys and values of every layer for one block."""
+    """Float16 keys and values of every layer for one block."""
     c = model.config
-    return 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4
+    return 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 2
 
 
 def auto_num_blocks(
@@ -89,9 +89,9 @@ class CpuRunner:
         self.stop_token_ids = frozenset(stop_token_ids)
         c = model.config
         shape = (c.n_layers, num_kv_blocks, block_size, c.n_kv_heads, c.head_dim)
-        nbytes = 4 * math.prod(shape)
-        self.k_cache = kv_budget.lazy_zeros(nbytes).view(np.float32).reshape(shape)
-        self.v_cache = kv_budget.lazy_zeros(nbytes).view(np.float32).reshape(shape)
+        nbytes = 2 * math.prod(shape)
+        self.k_cache = kv_budget.lazy_zeros(nbytes).view(np.float16).reshape(shape)
+        self.v_cache = kv_budget.lazy_zeros(nbytes).view(np.float16).reshape(shape)
         self._batch = Batch(
             k_cache=self.k_cache.ctypes.data,
             v_cache=self.v_cache.ctypes.data,

@@ -123,12 +123,12 @@ class LLMEngine:
         return num_blocks, runner
 
     def _cpu_runner(self, model: CpuModel) -> tuple[int, Any]:
-        """The C model's runner (a float32 cache, the C attention: no other choice applies)."""
+        """The C model's runner (a float16 cache, the C attention: no other choice applies)."""
         from nucleus.cpu.runner import CpuRunner, auto_num_blocks
 
         config = self.config
-        if config.kv_dtype is not None and str(config.kv_dtype).removeprefix("torch.") != "float32":
-            raise ValueError(f"the CPU GGUF path keeps a float32 KV cache, not {config.kv_dtype}")
+        if config.kv_dtype is not None and str(config.kv_dtype).removeprefix("torch.") != "float16":
+            raise ValueError(f"the CPU GGUF path keeps a float16 KV cache, not {config.kv_dtype}")
         num_blocks = config.num_kv_blocks or auto_num_blocks(
             model,
             block_size=config.block_size,

@@ -105,9 +105,13 @@ void rotary_row(float *x, const float *cs, int64_t heads, int64_t head_dim);
 
 /* ---- attention over the paged KV cache (paged_attention.c) ---- */
 
+/* kv_f16: the cache holds float16 (llama.cpp's default), else float32. With float16, as
+ * llama.cpp's products with its cache do, the queries come rounded to float16 (the caller's
+ * part) and the attention probabilities are rounded to float16 before they weight the values. */
 typedef struct {
     int64_t n_heads, n_kv_heads, head_dim, block_size;
     float scale;
+    int kv_f16;
 } attn_shape;
 
 /* Where the sequences of a step are: sequence s has rows [start[s], start[s] + q_len[s]) of q
@@ -121,18 +125,19 @@ typedef struct {
 /* Decode rows (q_len 1) as (sequence, KV head) tasks, dynamically scheduled; each task's work
  * is `decode_task`. No barrier at the end. `scores`: this thread's scratch, group * max_context
  * floats. */
-void decode_attention_body(team *t, const float *q, const float *k_cache, const float *v_cache,
+void decode_attention_body(team *t, const float *q, const void *k_cache, const void *v_cache,
                            float *out, const attn_seqs *seqs, const attn_shape *shape,
                            float *scores);
-void decode_task(const float *q, const float *k_cache, const float *v_cache, float *out,
+void decode_task(const float *q, const void *k_cache, const void *v_cache, float *out,
                  const int64_t *table, int64_t context, int64_t g, const attn_shape *shape,
                  float *scores);
 /* Causal prefill chunks, with the barriers they need inside and one at the end. Scratch from the
  * caller: kt (n_kv_heads * head_dim * ld floats) and v_rows (n_kv_heads * ld pointers), shared, ld
- * the longest context rounded up to 16 (prefill_scratch_ld); s (6 * ld floats) per thread. */
-void prefill_attention_body(team *t, const float *q, const float *k_cache, const float *v_cache,
+ * the longest context rounded up to 16 (prefill_scratch_ld); for a float16 cache also vt (as
+ * many floats as kt: the values as float32), else NULL; s (6 * ld floats) per thread. */
+void prefill_attention_body(team *t, const float *q, const void *k_cache, const void *v_cache,
                             float *out, const attn_seqs *seqs, const attn_shape *shape, float *kt,
-                            const float **v_rows, int64_t ld, float *s);
+                            float *vt, const float **v_rows, int64_t ld, float *s);
 int64_t prefill_scratch_ld(int64_t max_context);
 
 #endif

@@ -4,7 +4,7 @@
  * The same model as nucleus/model.py (RMSNorm, RoPE on interleaved pairs, GQA attention through
  * the paged KV cache, SwiGLU, the residual stream in float32), computed the way llama.cpp computes
  * a GGUF model: each matrix product quantizes its input to 8 bits per block and multiplies the
- * file's own blocks (quantized.c). What Python would spend per layer at batch 1 (a dozen kernel
+ * file's own blocks (quantized.c), and the KV cache holds float16. What Python would spend per layer at batch 1 (a dozen kernel
  * calls, their argument checks and temporaries, the thread pool woken for each) is here a
  * barrier between stages: at the default model's size that overhead, not arithmetic, was most of
  * a decode step.
@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "simd.h"
 
 typedef struct {
     nc_matrix wq, wk, wv, wo, w1, w2, w3;
@@ -38,8 +39,8 @@ typedef struct {
 
 typedef struct {
     /* The KV cache: keys and values of every layer, (n_layers, num_blocks, block_size,
-     * n_kv_heads, head_dim) float32 each. */
-    float *k_cache, *v_cache;
+     * n_kv_heads, head_dim) float16 each, as llama.cpp keeps them. */
+    uint16_t *k_cache, *v_cache;
     int64_t num_blocks, block_size;
     /* The flat batch. */
     const int64_t *tokens, *positions, *slots;
@@ -53,6 +54,27 @@ typedef struct {
 } nc_batch;
 
 enum { FORWARD_OK = 0, FORWARD_NO_MEMORY = -1, FORWARD_BAD_BATCH = -2 };
+
+/* dst = x as float16 (the cache's form). */
+static void store_f16(uint16_t *dst, const float *x, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), 0));
+#endif
+    for (; i < n; i++) dst[i] = f32_to_fp16(x[i]);
+}
+
+/* x rounded to float16 values in place: the queries, as llama.cpp's product with a float16
+ * cache rounds them. */
+static void round_f16(float *x, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), 0)));
+#endif
+    for (; i < n; i++) x[i] = round_to_f16(x[i]);
+}
 
 /* Every index the step will follow is in range: a bad one is refused before anything runs. */
 static int check_batch(const nc_model *m, const nc_batch *b) {
@@ -121,7 +143,7 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
     const int64_t hd = m->head_dim, F = m->ffn_dim, QW = H * hd, KVW = KVH * hd;
     const int64_t K_max = D > QW ? (D > F ? D : F) : (QW > F ? QW : F);
     const int64_t layer_stride = b->num_blocks * b->block_size * KVW;
-    const attn_shape shape = {H, KVH, hd, b->block_size, 1.0f / sqrtf((float)hd)};
+    const attn_shape shape = {H, KVH, hd, b->block_size, 1.0f / sqrtf((float)hd), 1};
     const int nthreads = b->num_threads > 0 ? (int)b->num_threads : 1;
     const int small = T <= SMALL_BATCH;
     const int copies = small ? nthreads : 1;
@@ -161,6 +183,7 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
     float *gu = malloc(sizeof(float) * T * 2 * F); /* [gate | up] per row */
     float *rope = malloc(sizeof(float) * T * hd);  /* (cos, sin) per pair */
     float *kt = has_prefill ? malloc(sizeof(float) * KVH * hd * ld) : NULL;
+    float *vt = has_prefill ? malloc(sizeof(float) * KVH * hd * ld) : NULL;
     const float **v_rows = has_prefill ? malloc(sizeof(float *) * KVH * ld) : NULL;
     /* Per thread: attention scratch, and the row buffers (all threads' in one allocation). */
     const int64_t scores_len = group * max_decode_ctx + (has_prefill ? 6 * ld : 0);
@@ -170,7 +193,7 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
     const int64_t row_floats = T * (2 * D + F);
     float *row_mem = malloc((sizeof(float) * row_floats + act32 + act256) * copies);
     int ok = which && decode_row && q && k && v && att && o && gu && rope && scores && row_mem &&
-             (!has_prefill || (kt && v_rows));
+             (!has_prefill || (kt && vt && v_rows));
 
     if (ok) {
         team_shared shared = {0};
@@ -208,7 +231,7 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
 
             for (int64_t l = 0; l < m->n_layers; l++) {
                 const nc_layer *L = m->layers + l;
-                float *kc = b->k_cache + l * layer_stride, *vc = b->v_cache + l * layer_stride;
+                uint16_t *kc = b->k_cache + l * layer_stride, *vc = b->v_cache + l * layer_stride;
                 const nc_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
                 const nc_matrix *gate_up[2] = {&L->w1, &L->w3};
 
@@ -230,12 +253,12 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
                  * and attends. Prefill rows: RoPE and the store first, then the chunks. */
                 for (int64_t task; (task = team_next(&t, decode.count * KVH)) >= 0;) {
                     const int64_t s = which[task / KVH], g = task % KVH, r = b->seq_start[s];
-                    float *kr = k + r * KVW + g * hd;
-                    rotary_row(q + r * QW + g * group * hd, rope + r * hd, group, hd);
+                    float *kr = k + r * KVW + g * hd, *qr = q + r * QW + g * group * hd;
+                    rotary_row(qr, rope + r * hd, group, hd);
                     rotary_row(kr, rope + r * hd, 1, hd);
-                    memcpy(kc + b->slots[r] * KVW + g * hd, kr, sizeof(float) * hd);
-                    memcpy(vc + b->slots[r] * KVW + g * hd, v + r * KVW + g * hd,
-                           sizeof(float) * hd);
+                    round_f16(qr, group * hd);
+                    store_f16(kc + b->slots[r] * KVW + g * hd, kr, hd);
+                    store_f16(vc + b->slots[r] * KVW + g * hd, v + r * KVW + g * hd, hd);
                     decode_task(q + r * QW, kc, vc, att + r * QW,
                                 b->block_tables + s * b->table_width, b->seq_context[s], g,
                                 &shape, my_scores);
@@ -248,12 +271,13 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
                         if (decode_row[r]) continue;
                         rotary_row(q + r * QW, rope + r * hd, H, hd);
                         rotary_row(k + r * KVW, rope + r * hd, KVH, hd);
-                        memcpy(kc + b->slots[r] * KVW, k + r * KVW, sizeof(float) * KVW);
-                        memcpy(vc + b->slots[r] * KVW, v + r * KVW, sizeof(float) * KVW);
+                        round_f16(q + r * QW, QW);
+                        store_f16(kc + b->slots[r] * KVW, k + r * KVW, KVW);
+                        store_f16(vc + b->slots[r] * KVW, v + r * KVW, KVW);
                     }
                     team_barrier(&t);
-                    prefill_attention_body(&t, q, kc, vc, att, &prefill, &shape, kt, v_rows, ld,
-                                           my_scores + group * max_decode_ctx);
+                    prefill_attention_body(&t, q, kc, vc, att, &prefill, &shape, kt, vt, v_rows,
+                                           ld, my_scores + group * max_decode_ctx);
                 } else {
                     team_barrier(&t);
                 }
@@ -309,6 +333,7 @@ int llama_forward(const nc_model *m, const nc_batch *b) {
     free(gu);
     free(rope);
     free(kt);
+    free(vt);
     free(v_rows);
     free(scores);
     free(row_mem);

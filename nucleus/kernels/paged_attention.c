@@ -91,9 +91,9 @@ static void softmax(float *row, int64_t n) {
 
 /* The query heads of KV head g of one decode row: scores against every cached key of the
  * sequence, softmax, the probability-weighted sum of the values. scores: group * context. */
-void decode_task(const float *q, const float *k_cache, const float *v_cache, float *out,
-                 const int64_t *table, int64_t context, int64_t g, const attn_shape *shape,
-                 float *scores) {
+static void decode_task_f32(const float *q, const float *k_cache, const float *v_cache,
+                            float *out, const int64_t *table, int64_t context, int64_t g,
+                            const attn_shape *shape, float *scores) {
     const int64_t head_dim = shape->head_dim, block_size = shape->block_size;
     const int64_t group = shape->n_heads / shape->n_kv_heads;
     const int64_t row_stride = shape->n_kv_heads * head_dim; /* one position, every KV head */
@@ -156,6 +156,84 @@ void decode_task(const float *q, const float *k_cache, const float *v_cache, flo
     }
 }
 
+/* decode_task_f32 over a float16 cache: the keys and values widened as they are read, the
+ * probabilities rounded to float16 before they weight the values (llama.cpp's arithmetic). */
+static void decode_task_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                            float *out, const int64_t *table, int64_t context, int64_t g,
+                            const attn_shape *shape, float *scores) {
+    const int64_t head_dim = shape->head_dim, block_size = shape->block_size;
+    const int64_t group = shape->n_heads / shape->n_kv_heads;
+    const int64_t row_stride = shape->n_kv_heads * head_dim;
+    const int64_t block_stride = block_size * row_stride;
+    const int64_t kv_offset = g * head_dim;
+#define KV_ROW(pos) (table[(pos) / block_size] * block_stride + ((pos) % block_size) * row_stride + kv_offset)
+
+    for (int64_t pos = 0; pos < context; pos++) {
+        const uint16_t *k = k_cache + KV_ROW(pos);
+        for (int64_t j = 0; j < group; j++) {
+            const float *qj = q + (g * group + j) * head_dim;
+            int64_t d = 0;
+            float total = 0.0f;
+#if defined(__AVX2__) && defined(__F16C__)
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (; d + 16 <= head_dim; d += 16) {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d),
+                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d + 8),
+                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d + 8))), s1);
+            }
+            total = hsum8(_mm256_add_ps(s0, s1));
+#endif
+            for (; d < head_dim; d++) total += qj[d] * fp16_to_f32(k + d);
+            scores[j * context + pos] = total * shape->scale;
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {
+        float *p = scores + j * context;
+        softmax(p, context);
+        for (int64_t pos = 0; pos < context; pos++) p[pos] = round_to_f16(p[pos]);
+    }
+
+    for (int64_t j = 0; j < group; j++) {
+        const float *p = scores + j * context;
+        float *o = out + (g * group + j) * head_dim;
+        int64_t d = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+        for (; d + 32 <= head_dim; d += 32) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t pos = 0; pos < context; pos++) {
+                const __m128i *v = (const __m128i *)(v_cache + KV_ROW(pos) + d);
+                const __m256 pp = _mm256_set1_ps(p[pos]);
+                a0 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v)), a0);
+                a1 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v + 1)), a1);
+                a2 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v + 2)), a2);
+                a3 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v + 3)), a3);
+            }
+            _mm256_storeu_ps(o + d, a0);
+            _mm256_storeu_ps(o + d + 8, a1);
+            _mm256_storeu_ps(o + d + 16, a2);
+            _mm256_storeu_ps(o + d + 24, a3);
+        }
+#endif
+        for (; d < head_dim; d++) {
+            float acc = 0.0f;
+            for (int64_t pos = 0; pos < context; pos++)
+                acc += p[pos] * fp16_to_f32(v_cache + KV_ROW(pos) + d);
+            o[d] = acc;
+        }
+    }
+#undef KV_ROW
+}
+
+void decode_task(const float *q, const void *k_cache, const void *v_cache, float *out,
+                 const int64_t *table, int64_t context, int64_t g, const attn_shape *shape,
+                 float *scores) {
+    if (shape->kv_f16)
+        decode_task_f16(q, k_cache, v_cache, out, table, context, g, shape, scores);
+    else
+        decode_task_f32(q, k_cache, v_cache, out, table, context, g, shape, scores);
+}
+
 static inline int64_t seq_at(const attn_seqs *seqs, int64_t i) {
     return seqs->which ? seqs->which[i] : i;
 }
@@ -164,7 +242,7 @@ static inline int64_t row_of(const attn_seqs *seqs, int64_t s) {
     return seqs->start ? seqs->start[s] : s;
 }
 
-void decode_attention_body(team *t, const float *q, const float *k_cache, const float *v_cache,
+void decode_attention_body(team *t, const float *q, const void *k_cache, const void *v_cache,
                            float *out, const attn_seqs *seqs, const attn_shape *shape,
                            float *scores) {
     const int64_t n_kv = shape->n_kv_heads, row = shape->n_heads * shape->head_dim;
@@ -187,7 +265,7 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                                const int64_t *context_lens, int64_t num_seqs, int64_t n_heads,
                                int64_t n_kv_heads, int64_t head_dim, int64_t block_size,
                                float scale, int num_threads) {
-    const attn_shape shape = {n_heads, n_kv_heads, head_dim, block_size, scale};
+    const attn_shape shape = {n_heads, n_kv_heads, head_dim, block_size, scale, 0};
     const attn_seqs seqs = {NULL, NULL, context_lens, block_tables, NULL, table_width, num_seqs};
     int64_t max_context = 1;
     for (int64_t s = 0; s < num_seqs; s++)
@@ -303,7 +381,7 @@ static inline __attribute__((always_inline)) void value_tile(const float *p, int
 static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld,
                          const float *const *v_rows, float *s, int64_t row0, int64_t rows,
                          int64_t g, int64_t group, int64_t first_pos, int64_t n_heads,
-                         int64_t head_dim, float scale) {
+                         int64_t head_dim, float scale, int round_p) {
     const float *qr[MR];
     float *orow[MR];
     int64_t visible[MR] = {0}; /* how many keys row r sees: its position + 1 */
@@ -317,7 +395,11 @@ static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld
 
     for (int64_t j0 = 0; j0 < keys_max; j0 += NR)
         BY_ROWS(rows, score_tile, qr, kt + j0, ld, head_dim, scale, s + j0)
-    for (int64_t r = 0; r < rows; r++) softmax(s + r * ld, visible[r]);
+    for (int64_t r = 0; r < rows; r++) {
+        softmax(s + r * ld, visible[r]);
+        if (round_p)
+            for (int64_t j = 0; j < visible[r]; j++) s[r * ld + j] = round_to_f16(s[r * ld + j]);
+    }
 
     /* Keys every row of the tile sees go through the register tile; the few after them (the
      * diagonal) are added row by row, so no row reads a value it must not see. */
@@ -330,9 +412,9 @@ static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld
 
 int64_t prefill_scratch_ld(int64_t max_context) { return (max_context + NR - 1) / NR * NR; }
 
-void prefill_attention_body(team *t, const float *q, const float *k_cache, const float *v_cache,
+void prefill_attention_body(team *t, const float *q, const void *k_cache, const void *v_cache,
                             float *out, const attn_seqs *seqs, const attn_shape *shape, float *kt,
-                            const float **v_rows, int64_t ld, float *s) {
+                            float *vt, const float **v_rows, int64_t ld, float *s) {
     const int64_t n_heads = shape->n_heads, n_kv_heads = shape->n_kv_heads;
     const int64_t head_dim = shape->head_dim, block_size = shape->block_size;
     const int64_t group = n_heads / n_kv_heads;
@@ -352,10 +434,21 @@ void prefill_attention_body(team *t, const float *q, const float *k_cache, const
             const int64_t slot = table[j / block_size] * block_stride +
                                  (j % block_size) * row_stride;
             for (int64_t g = 0; g < n_kv_heads; g++) {
-                const float *k = k_cache + slot + g * head_dim;
                 float *ktg = kt + g * head_dim * ld;
-                for (int64_t d = 0; d < head_dim; d++) ktg[d * ld + j] = k[d];
-                v_rows[g * ld + j] = v_cache + slot + g * head_dim;
+                if (shape->kv_f16) { /* widened: keys transposed, values into vt */
+                    const uint16_t *k = (const uint16_t *)k_cache + slot + g * head_dim;
+                    const uint16_t *v = (const uint16_t *)v_cache + slot + g * head_dim;
+                    float *vrow = vt + (g * ld + j) * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) {
+                        ktg[d * ld + j] = fp16_to_f32(k + d);
+                        vrow[d] = fp16_to_f32(v + d);
+                    }
+                    v_rows[g * ld + j] = vrow;
+                } else {
+                    const float *k = (const float *)k_cache + slot + g * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) ktg[d * ld + j] = k[d];
+                    v_rows[g * ld + j] = (const float *)v_cache + slot + g * head_dim;
+                }
             }
         }
         team_barrier(t);
@@ -366,7 +459,7 @@ void prefill_attention_body(team *t, const float *q, const float *k_cache, const
             const int64_t g = task / tiles, row0 = (task % tiles) * MR;
             const int64_t n = rows - row0 < MR ? rows - row0 : MR;
             prefill_tile(qc, oc, kt + g * head_dim * ld, ld, v_rows + g * ld, s, row0, n, g,
-                         group, first_pos, n_heads, head_dim, shape->scale);
+                         group, first_pos, n_heads, head_dim, shape->scale, shape->kv_f16);
         }
         team_next_done(t, tasks);
         team_barrier(t); /* before the next chunk's keys take the scratch */
@@ -385,7 +478,7 @@ int paged_prefill_attention_f32(const float *q, const float *k_cache, const floa
                                 int64_t table_width, int64_t num_chunks, int64_t n_heads,
                                 int64_t n_kv_heads, int64_t head_dim, int64_t block_size,
                                 float scale, int num_threads) {
-    const attn_shape shape = {n_heads, n_kv_heads, head_dim, block_size, scale};
+    const attn_shape shape = {n_heads, n_kv_heads, head_dim, block_size, scale, 0};
     const attn_seqs seqs = {starts, q_lens, context_lens, block_tables, NULL, table_width,
                             num_chunks};
     int64_t max_context = 1;
@@ -401,8 +494,8 @@ int paged_prefill_attention_f32(const float *q, const float *k_cache, const floa
 #pragma omp parallel num_threads(num_threads)
         {
             team t = team_join(&shared);
-            prefill_attention_body(&t, q, k_cache, v_cache, out, &seqs, &shape, kt, v_rows, ld,
-                                   s + t.ith * MR * ld);
+            prefill_attention_body(&t, q, k_cache, v_cache, out, &seqs, &shape, kt, NULL, v_rows,
+                                   ld, s + t.ith * MR * ld);
         }
     }
     free(kt);

@@ -34,35 +34,6 @@
 #define QK 32   /* values in a block of Q4_0/Q4_1/Q8_0 */
 #define QK_K 256 /* values in a K-quant super-block */
 
-static inline float fp16_to_f32(const void *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    float v;
-    if (exp == 0) v = ldexpf((float)man, -24);
-    else if (exp == 31) v = man ? NAN : INFINITY;
-    else v = ldexpf((float)(man | 0x400), (int)exp - 25);
-    return (h & 0x8000) ? -v : v;
-#endif
-}
-
-/* x rounded to the nearest float16 value (ties to even), as a float. */
-static inline float round_to_f16(float x) {
-#ifdef __F16C__
-    return _cvtsh_ss(_cvtss_sh(x, 0));
-#else
-    if (x == 0.0f || !isfinite(x)) return x;
-    int e;
-    frexpf(x, &e);
-    const int quantum = e - 11 > -24 ? e - 11 : -24;
-    const float r = ldexpf(nearbyintf(ldexpf(x, -quantum)), quantum);
-    return fabsf(r) > 65504.0f ? copysignf(INFINITY, x) : r;
-#endif
-}
-
 static inline float bf16_to_f32(const void *p) {
     uint16_t h;
     memcpy(&h, p, 2);
