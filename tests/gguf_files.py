@@ -50,8 +50,9 @@ def _raw_for(type_name: str, shape: tuple[int, int], rng: np.random.Generator) -
     if type_name not in SUPPORTED:  # unsupported types: any bytes will do
         block_bytes = gguf.GGML_QUANT_SIZES[Q[type_name]][1]
         return np.zeros((rows, cols // block_values * block_bytes), dtype=np.uint8)
-    # K-quant scales of about 0.01, like a real model's: a model of these weights stays finite
-    return random_blocks(type_name, n_blocks, seed, scale=0.01).reshape(rows, -1)
+    # K-quant scales that give weights of a real model's size (about 0.05: random 6-bit
+    # sub-block scales and 4-bit values times these): a model of them computes sanely
+    return random_blocks(type_name, n_blocks, seed, scale=2e-4).reshape(rows, -1)
 
 
 def write_llama_gguf(

@@ -188,6 +188,25 @@ def test_generate_streams(default_model):
 
 
 @pytest.mark.slow
+def test_generate_on_the_cpu_imports_no_torch_server_or_jit(default_model):
+    """The default model on the CPU runs the C forward pass: the command imports only what it
+    uses (`-X importtime` lists every module imported)."""
+    command = ["generate", "--max-tokens", "2", "--device", "cpu", "Hello"]
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nucleus", *command],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    for heavy in ("torch", "transformers", "fastapi", "uvicorn", "triton", "gguf", "tqdm"):
+        assert heavy not in imported, heavy
+    assert "nucleus.kernels.library" in imported
+
+
+@pytest.mark.slow
 def test_ctrl_c_exits_130_without_traceback(default_model):
     proc = popen("generate", "Once upon a time", "--max-tokens", "400", "--seed", "0")
     proc.stdin.close()

@@ -328,3 +328,21 @@ def test_default_model_logits_through_the_cpu_kernels_equal_transformers(
         ref = transformers_model(torch.tensor([ids])).logits[0].float()
     assert (ours - ref).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_the_exact_cpu_model_keeps_no_float32_copy_of_its_block_matrices(smollm2_gguf):
+    """`ModelFiles.build_model` on the CPU in float32: the Q4_1/Q8_0 matrices are multiplied as
+    8-bit blocks and never dequantized (their dense weights stay on the meta device); the only
+    float32 matrix is the embedding table, which the tied head shares."""
+    from nucleus.kernels import cpu as cpu_kernels
+    from nucleus.linear import Linear
+    from nucleus.loaders import load_model_files
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    model = load_model_files(smollm2_gguf).build_model(device="cpu", dtype=torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.block_int8 is not None for m in linears)
+    assert all(m.weight.is_meta for m in linears if m is not model.output)
+    dense = {id(p): p for p in model.parameters() if not p.is_meta}
+    assert sum(p.numel() for p in dense.values()) < 29_000_000  # embedding (28.3M) and norms
