@@ -37,13 +37,22 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 /* dot(a, k[i], n) for 8 rows k[i] at once, n a multiple of 16, each summed in `dot`'s order: two
  * accumulators, added, then the 8 lanes as hsum8 adds them ((0+4)+(2+6)) + ((1+5)+(3+7)), the
  * reductions of the 8 done side by side. */
-static inline __m256 dot8(const float *a, const float *const *k, int64_t n) {
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t i, const int F16) {
+#ifdef __F16C__
+    if (F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+#endif
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* `k` are 8 rows of float32, or of float16 with F16 (widened as they are read). */
+static inline __attribute__((always_inline)) __m256 dot8_of(const float *a, const void *const *k,
+                                                            int64_t n, const int F16) {
     __m256 v[8];
     for (int i = 0; i < 8; i++) {
         __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
         for (int64_t d = 0; d < n; d += 16) {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(k[i] + d), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(k[i] + d + 8), s1);
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(k[i], d, F16), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), load8(k[i], d + 8, F16), s1);
         }
         v[i] = _mm256_add_ps(s0, s1);
     }
@@ -62,6 +71,10 @@ static inline __m256 dot8(const float *a, const float *const *k, int64_t n) {
                                    _mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
     /* z = [v0 v2 v4 v6 | v1 v3 v5 v7]: into order */
     return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline __m256 dot8(const float *a, const float *const *k, int64_t n) {
+    return dot8_of(a, (const void *const *)k, n, 0);
 }
 #endif
 
@@ -168,7 +181,20 @@ static void decode_task_f16(const float *q, const uint16_t *k_cache, const uint1
     const int64_t kv_offset = g * head_dim;
 #define KV_ROW(pos) (table[(pos) / block_size] * block_stride + ((pos) % block_size) * row_stride + kv_offset)
 
-    for (int64_t pos = 0; pos < context; pos++) {
+    int64_t pos = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    if (head_dim % 16 == 0)
+        for (; pos + 8 <= context; pos += 8) {
+            const void *k[8];
+            for (int i = 0; i < 8; i++) k[i] = k_cache + KV_ROW(pos + i);
+            for (int64_t j = 0; j < group; j++) {
+                const __m256 s = dot8_of(q + (g * group + j) * head_dim, k, head_dim, 1);
+                _mm256_storeu_ps(scores + j * context + pos,
+                                 _mm256_mul_ps(s, _mm256_set1_ps(shape->scale)));
+            }
+        }
+#endif
+    for (; pos < context; pos++) {
         const uint16_t *k = k_cache + KV_ROW(pos);
         for (int64_t j = 0; j < group; j++) {
             const float *qj = q + (g * group + j) * head_dim;
