@@ -167,14 +167,24 @@ def _llamacpp_first_token(model: str, threads: int) -> None:
 
 
 def _first_output(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run `cmd`; seconds from spawning it to its first byte on stdout, and its peak RSS (MB)."""
+    """Run `cmd`; seconds from spawning it to its first byte on stdout, and its peak RSS (MB).
+
+    Spawned with `posix_spawn` (no copy of this process's memory): a forked child would start
+    with this process's resident size, which Linux then counts in the child's `ru_maxrss`."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    actions = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in (out_r, err_r, out_w, err_w)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    first = proc.stdout.read(1)
-    elapsed = time.perf_counter() - start
-    proc.stdout.read()
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    pid = os.posix_spawnp(cmd[0], cmd, env, file_actions=actions)
+    os.close(out_w)
+    os.close(err_w)
+    with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+        first = out.read(1)
+        elapsed = time.perf_counter() - start
+        out.read()
+        stderr = err.read()
+    _, status, usage = os.wait4(pid, 0)
     if not first or os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {stderr.decode(errors='replace')[-2000:]}")
     return elapsed, usage.ru_maxrss / 1024
@@ -188,6 +198,7 @@ def _worker_result(cmd: list[str], env: dict[str, str]) -> dict:
 
 
 def _default_model() -> str:
+    sys.path.insert(0, str(REPO))
     from nucleus.assets import asset_path
     from nucleus.loaders import DEFAULT_MODEL_ASSET
 
