@@ -42,8 +42,8 @@ DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench/cpu.py:begin -->", "<!-- bench/cpu.py:end -->"
 PROMPT = "The capital of France is"
 DECODE_PROMPT = list(range(1000, 1032))  # 32 token ids
-DECODE_TOKENS = 128
-PREFILL_TOKENS = 512
+DECODE_TOKENS = 128  # --decode-tokens
+PREFILL_TOKENS = 512  # --prefill-tokens
 
 
 def prefill_prompt() -> list[int]:
@@ -210,6 +210,7 @@ def run_rounds(args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     me = str(Path(__file__).resolve())
     common = ["--model", model, "--threads", str(args.threads)]
+    common += ["--decode-tokens", str(DECODE_TOKENS), "--prefill-tokens", str(PREFILL_TOKENS)]
     nucleus_generate = [sys.executable, "-m", "nucleus", "generate", "--max-tokens", "1"]
     nucleus_generate += ["--temperature", "0"]
     nucleus_generate += ["--model", model, PROMPT]
@@ -227,13 +228,19 @@ def run_rounds(args: argparse.Namespace) -> dict:
     return {"model": model, "threads": args.threads, "rounds": rounds}
 
 
-MEASURES = [
-    # (key, label, unit, higher is better)
-    ("decode_tok_s", "batch-1 decode, 32-token prompt, 128 new tokens", "tok/s", True),
-    ("prefill_s", "prefill of 512 tokens", "s", False),
-    ("first_token_s", "new process to first token", "s", False),
-    ("peak_rss_mb", "peak RSS of that process", "MB", False),
-]
+def measures() -> list[tuple[str, str, str, bool]]:
+    """(key, label, unit, higher is better) of each measure."""
+    return [
+        (
+            "decode_tok_s",
+            f"batch-1 decode, 32-token prompt, {DECODE_TOKENS} new tokens",
+            "tok/s",
+            True,
+        ),
+        ("prefill_s", f"prefill of {PREFILL_TOKENS} tokens", "s", False),
+        ("first_token_s", "new process to first token", "s", False),
+        ("peak_rss_mb", "peak RSS of that process", "MB", False),
+    ]
 
 
 def table(result: dict) -> str:
@@ -255,7 +262,7 @@ def table(result: dict) -> str:
         "| measure | nucleus | llama.cpp | nucleus / llama.cpp (best vs best) |",
         "|---|---|---|---|",
     ]
-    for key, label, unit, higher in MEASURES:
+    for key, label, unit, higher in measures():
         ours = [r[f"nucleus_{key}"] for r in rounds]
         theirs = [r[f"llamacpp_{key}"] for r in rounds]
         if higher:
@@ -310,10 +317,13 @@ def _update_docs(text_table: str, meta: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DECODE_TOKENS, PREFILL_TOKENS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a GGUF file (default: the built-in model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS)
     p.add_argument(
         "--llamacpp-python",
         default=os.environ.get("LLAMACPP_PYTHON", "/work/venvs/llamacpp/bin/python"),
@@ -325,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "--worker", choices=["nucleus", "llamacpp", "llamacpp-first-token"], help=argparse.SUPPRESS
     )
     args = p.parse_args(argv)
+    DECODE_TOKENS, PREFILL_TOKENS = args.decode_tokens, args.prefill_tokens
 
     if args.worker == "nucleus":
         print(json.dumps(_nucleus_worker(args.model, args.threads)))
