@@ -1,37 +1,46 @@
-"""GPU decode speed of nucleus beside gpt-fast, in one process on one CUDA device.
+"""GPU speed of nucleus beside its peers, in one process on one CUDA device.
 
 Llama-3-8B shapes with random bf16 weights (speed does not depend on the values):
 1. the ceilings, measured here: device-to-device copy bandwidth (bytes read + written) and a
-   bf16 8192^3 matrix product;
-2. nucleus through `LLM` (the engine: Triton kernels, CUDA graphs) at each batch size: 128-token
-   prompts, 256 new tokens each, greedy, EOS ignored; tok/s = new tokens / wall time of the
-   `generate` call (prefill included), best of `--repeats`;
-3. the peer, gpt-fast (`decode_one_token` compiled with `mode="reduce-overhead"`, its own
-   `generate` on the same prompt shape, timed the same way after its compile run), when its files
-   are given (`--gpt-fast DIR` holding its `model.py`, `generate.py`, `tokenizer.py`);
-4. optionally (`--profile`) the CUDA time of one decode step of nucleus by kernel.
+   bf16 8192^3 matrix product; and what cuBLAS reaches on the model's matrices at 1 and 8 rows;
+2. decode, through `LLM` (Triton kernels, CUDA graphs, async scheduling) at each batch size:
+   128-token prompts, 256 new tokens each, greedy, EOS ignored; tok/s = new tokens / wall time
+   of the `generate` call (prefill included), best of `--repeats`; `--profile` adds the CUDA time
+   of a batch-1 decode step by kernel;
+3. throughput (`--throughput`), through `LLM` with up to 256 sequences: 256 requests of 128
+   prompt / 256 output tokens at once, and a seeded mix of 512 requests (prompts 32-1,024,
+   outputs 32-512 tokens); output tok/s and prompt + output tok/s;
+4. the peers (`gpu_peers.py`): gpt-fast's own `generate` for decode (`--gpt-fast DIR` holding
+   its `model.py`, `generate.py`, `tokenizer.py`), transformers' continuous batching
+   (`generate_batch`, paged SDPA) on the 256-request workload (`--transformers`).
 
 The memory limit at batch 1 is the copy bandwidth over the weight bytes read per token.
-Run: `python bench/gpu.py --gpt-fast .carry/gpt-fast --out DIR`. Prints a table; writes
-`gpu.json` into `--out`.
+Run: `python bench/gpu.py --throughput --transformers --gpt-fast .carry/gpt-fast --out DIR`.
+Prints tables; writes `gpu.json` into `--out`. With `--tp N`, tensor parallelism over N GPUs
+instead (`gpu_tp.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
+import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
+from gpu_peers import gpt_fast_decode, timed, transformers_continuous_batching
 
 from nucleus.config import ModelConfig
+from nucleus.distributed import TensorParallel, checkpoint_layout
+from nucleus.distributed.layers import Slot
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.llm import LLM
-from nucleus.loaders import build_transformer
+from nucleus.loaders import Weights, build_transformer
+from nucleus.model import Transformer
 from nucleus.sampling_params import SamplingParams
 from nucleus.tokenizer import Tokenizer
 
@@ -46,18 +55,6 @@ LLAMA3_8B = {
     "norm_eps": 1e-5,
     "rope_theta": 500000.0,
 }
-
-
-def timed(fn, *, repeats: int = 1) -> float:
-    """Best wall time of `fn()` over `repeats` runs, the device synchronised around each."""
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure_ceilings() -> dict[str, float]:
@@ -111,33 +108,39 @@ def linear_bandwidth(rows: tuple[int, ...] = (1, 8)) -> list[dict]:
     return out
 
 
-def random_weights(params: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
-    """Meta-named random weights for `params` (norms 1, matrices N(0, 0.02))."""
-    from nucleus.linear import Linear
-    from nucleus.model import Transformer
+class RandomWeights(Weights):
+    """Meta-named random weights for a config, made on `device` tensor by tensor (norms 1,
+    matrices N(0, 0.02)), each from a seed of its own: every rank cuts its piece from the same
+    full tensor, made on its own device; nothing goes to disk or through host memory."""
 
-    config = ModelConfig.from_meta_params(params)
-    with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {}
-    for name, p in model.state_dict().items():
-        module = model.get_submodule(name.rpartition(".")[0]) if "." in name else None
-        if isinstance(module, Linear):
-            for part, width in module.checkpoint_names(name.rpartition(".")[0]).items():
-                shapes[part] = (width, module.in_features)
-        else:
-            shapes[name] = tuple(p.shape)
-    if config.tie_embeddings:
-        shapes.pop("output.weight", None)
-    g = torch.Generator(device=device).manual_seed(seed)
-    weights = {}
-    for name, shape in shapes.items():
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device, seed: int = 0) -> None:
+        with torch.device("meta"):
+            self.layout = checkpoint_layout(Transformer(config))
+        super().__init__(self.layout)
+        self.dtype, self.device, self.seed = dtype, torch.device(device), seed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.layout[name].shape
         if name.endswith("norm.weight"):
-            weights[name] = torch.ones(shape, dtype=dtype, device=device)
-        else:
-            w = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * 0.02
-            weights[name] = w.to(dtype)
-    return weights
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        g = torch.Generator(device=self.device).manual_seed(self.seed ^ zlib.crc32(name.encode()))
+        w = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * 0.02
+        return w.to(self.dtype)
+
+    def local(self, name: str, slot: Slot, rank: int, world_size: int) -> torch.Tensor:
+        return slot.split.shard(self[name], rank, world_size).clone()  # the full one goes
+
+
+def random_weights(params: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """Meta-named random weights for `params`, whole (`RandomWeights`)."""
+    return dict(RandomWeights(ModelConfig.from_meta_params(params), dtype, device, seed))
+
+
+def random_shard(params: dict, dtype: torch.dtype, seed: int, tp: TensorParallel) -> Transformer:
+    """Rank `tp`'s shard of a random model of shape `params`, made on its device."""
+    config = ModelConfig.from_meta_params(params)
+    weights = RandomWeights(config, dtype, tp.device, seed)
+    return build_transformer(config, weights, device=tp.device, dtype=dtype, tp=tp)
 
 
 def nucleus_llm(params: dict, tokenizer, *, max_num_seqs: int, max_model_len: int, **options):
@@ -152,8 +155,79 @@ def nucleus_llm(params: dict, tokenizer, *, max_num_seqs: int, max_model_len: in
 def nucleus_decode(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
-    seconds = timed(lambda: llm.generate(prompts, params), repeats=repeats)
+    seconds = timed(lambda: cold_generate(llm, prompts, params), repeats=repeats)
     return len(prompts) * new_tokens / seconds
+
+
+def throughput_workloads(seed: int = 0) -> dict[str, tuple[list[list[int]], list[int]]]:
+    """Prompts and output lengths: 256 x (128 in / 256 out), and the seeded 512-request mix."""
+    rng = random.Random(seed)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(0, 128000) for _ in range(n)]
+
+    uniform = ([prompt(128) for _ in range(256)], [256] * 256)
+    mix_lens = [(rng.randint(32, 1024), rng.randint(32, 512)) for _ in range(512)]
+    mix = ([prompt(p) for p, _ in mix_lens], [o for _, o in mix_lens])
+    return {"256x128/256": uniform, "mix512": mix}
+
+
+class LaunchLog:
+    """What the runner launched, when: the time from one launch to the next is charged to the
+    first, by kind (a decode step launched ahead, a decode step, or a step with prefill)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = llm.engine.runner
+        self.records: list[tuple[float, str, int, int]] = []
+        launch = self.runner.launch
+
+        def logged(batch, after=None):
+            prefill = any(n > 1 for n in batch.num_tokens)
+            kind = "prefill/mixed" if prefill else ("decode ahead" if after else "decode")
+            self.records.append((time.perf_counter(), kind, len(batch), sum(batch.num_tokens)))
+            return launch(batch, after)
+
+        self.runner.launch = logged
+
+    def summary(self) -> dict:
+        out: dict[str, dict] = {}
+        pairs = zip(self.records, self.records[1:], strict=False)  # each launch and the next
+        for (t, kind, rows, tokens), (t_next, *_) in pairs:
+            entry = out.setdefault(kind, {"steps": 0, "seconds": 0.0, "rows": 0, "tokens": 0})
+            entry["steps"] += 1
+            entry["seconds"] += t_next - t
+            entry["rows"] += rows
+            entry["tokens"] += tokens
+        return out
+
+    def close(self) -> None:
+        del self.runner.launch  # the instance attribute: the method shows through again
+
+
+def cold_generate(llm: LLM, prompts: list[list[int]], params) -> None:
+    """`llm.generate` with an empty prefix cache: every run computes every prompt."""
+    llm.engine.block_manager.reset_prefix_cache()
+    llm.generate(prompts, params)
+
+
+def nucleus_throughput(
+    llm: LLM, prompts: list[list[int]], outs: list[int], repeats: int, *, timeline: bool
+) -> dict:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in outs]
+    seconds = timed(lambda: cold_generate(llm, prompts, params), repeats=repeats)
+    out_tokens, in_tokens = sum(outs), sum(map(len, prompts))
+    result = {
+        "seconds": seconds,
+        "output_tok_s": out_tokens / seconds,
+        "total_tok_s": (out_tokens + in_tokens) / seconds,
+        "requests": len(prompts),
+    }
+    if timeline:
+        log = LaunchLog(llm)  # one more run, for where its time goes
+        cold_generate(llm, prompts, params)
+        log.close()
+        result["steps"] = log.summary()
+    return result
 
 
 def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
@@ -161,7 +235,8 @@ def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
-    engine.add_request("profile", prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    engine.add_request("profile", prompt, params, stream=False)
     engine.step()  # the prefill
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -179,45 +254,6 @@ def nucleus_profile(llm: LLM, prompt: list[int], steps: int = 20) -> list[dict]:
     return rows[:25]
 
 
-def gpt_fast_decode(path: Path, batch_sizes: list[int], prompt_len: int, new_tokens: int) -> dict:
-    """gpt-fast's own `generate` with random bf16 Llama-3-8B weights: tok/s per batch size."""
-    sys.path.insert(0, str(path))
-    gen = importlib.import_module("generate")
-    gf_model = importlib.import_module("model")
-    with torch.device("meta"):
-        model = gf_model.Transformer.from_name("llama-3-8b")
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("attention_norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.02)
-    model.eval()
-    gen.decode_one_token = torch.compile(
-        gen.decode_one_token, mode="reduce-overhead", fullgraph=True
-    )
-    prompt = torch.randint(0, 128000, (prompt_len,), device="cuda", dtype=torch.int)
-    results = {}
-    for bs in batch_sizes:
-
-        def run(bs=bs):
-            with torch.inference_mode():
-                gen.generate(
-                    model, prompt, new_tokens, batch_size=bs, interactive=False,
-                    draft_model=None, temperature=1.0, top_k=None,
-                )  # fmt: skip
-
-        start = time.perf_counter()
-        run()  # the compile
-        compile_s = time.perf_counter() - start
-        seconds = timed(run, repeats=2)
-        results[bs] = {"tok_s": bs * new_tokens / seconds, "compile_s": compile_s}
-        print(f"gpt-fast batch {bs}: {results[bs]['tok_s']:.1f} tok/s", flush=True)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the asset)")
@@ -228,9 +264,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--timeline", action="store_true", help="where throughput runs spend time")
+    parser.add_argument("--linear", action="store_true", help="cuBLAS bandwidth per matrix")
+    parser.add_argument("--transformers", action="store_true", help="its continuous batching")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tp", type=int, default=0, help="tensor parallelism over N GPUs instead")
+    parser.add_argument("--parts", default="allreduce,check,8b,70b", help="with --tp: which")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tp:
+        from gpu_tp import tp_main
+
+        return tp_main(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     from nucleus.assets import asset_path
@@ -249,7 +295,7 @@ def main() -> None:
     print(results, flush=True)
     save = lambda: (args.out / "gpu.json").write_text(json.dumps(results, indent=2))  # noqa: E731
 
-    results["linear_bandwidth"] = linear_bandwidth()
+    results["linear_bandwidth"] = linear_bandwidth() if args.linear else []
     for row in results["linear_bandwidth"]:
         print(
             f"F.linear {row['matrix']:>5} x{row['rows']}: {row['us']:7.1f} us {row['GBps']:6.0f} GB/s"
@@ -261,8 +307,8 @@ def main() -> None:
     llm = nucleus_llm(
         LLAMA3_8B,
         tokenizer,
-        max_num_seqs=max(batch_sizes),
-        max_model_len=args.prompt_len + args.new_tokens + 64,
+        max_num_seqs=max(256 if args.throughput else 1, *batch_sizes),
+        max_model_len=2048 if args.throughput else args.prompt_len + args.new_tokens + 64,
         enforce_eager=args.enforce_eager,
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
@@ -276,9 +322,37 @@ def main() -> None:
         save()
     if args.profile:
         results["nucleus_profile_batch1"] = nucleus_profile(llm, prompts[0])
+    work = throughput_workloads()
+    if args.throughput:
+        llm.generate(work["mix512"][0][:16], SamplingParams(max_tokens=8, temperature=0))  # warm-up
+        results["throughput"] = {}
+        for name, (ps, outs) in work.items():
+            repeats = 2 if name == "256x128/256" else 1
+            results["throughput"][name] = nucleus_throughput(
+                llm, ps, outs, repeats, timeline=args.timeline
+            )
+            print(f"nucleus {name}: {results['throughput'][name]}", flush=True)
+            save()
+        if args.timeline:  # the mix again, admitting whenever a slot is free (the CPU policy)
+            scheduler = llm.engine.scheduler
+            group, wait = scheduler.admit_group, scheduler.admit_max_wait
+            scheduler.admit_group, scheduler.admit_max_wait = 1, 0
+            results["throughput"]["mix512, admit at once"] = nucleus_throughput(
+                llm, *work["mix512"], 1, timeline=True
+            )
+            scheduler.admit_group, scheduler.admit_max_wait = group, wait
+            save()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
+
+    if args.transformers:
+        ps, outs = work["256x128/256"]
+        results["transformers_cb"] = transformers_continuous_batching(ps, outs[0])
+        print(f"transformers generate_batch 256x128/256: {results['transformers_cb']}", flush=True)
+        save()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     if args.gpt_fast is not None:
         results["gpt_fast"] = gpt_fast_decode(
@@ -297,6 +371,11 @@ def main() -> None:
         ratio = f"{ours / peer:.2f}x" if peer else "-"
         frac = f"{ours / limit:.0%}" if bs == 1 else "-"
         print(f"| {bs} | {ours:.1f} | {peer or 0:.1f} | {ratio} | {frac} |")
+    for name, row in results.get("throughput", {}).items():
+        peer = results.get("transformers_cb", {}).get("tok_s") if name == "256x128/256" else None
+        vs = f", {row['output_tok_s'] / peer:.1f}x transformers CB ({peer:.0f})" if peer else ""
+        print(f"throughput {name}: {row['output_tok_s']:.0f} output tok/s "
+              f"({row['total_tok_s']:.0f} prompt + output){vs}")  # fmt: skip
     for row in results.get("nucleus_profile_batch1", [])[:15]:
         print(f"{row['us_per_step']:9.1f} us/step  x{row['calls']:<6} {row['kernel']}")
 

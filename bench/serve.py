@@ -182,6 +182,34 @@ def _table(levels: list[LevelResult]) -> str:
     return "\n".join(rows)
 
 
+def _offline(args: argparse.Namespace, level: LevelResult) -> dict:
+    """The requests of `level` through the offline `LLM` on the same model and options, after the
+    server has exited: what the engine does without the HTTP layer."""
+    from nucleus.llm import LLM
+    from nucleus.sampling_params import SamplingParams
+
+    options = {}
+    for flag in args.server_arg:
+        if flag.startswith("--max-num-seqs="):
+            options["max_num_seqs"] = int(flag.split("=", 1)[1])
+    llm = LLM(args.model, **options)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(level.requests)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    llm.engine.block_manager.reset_prefix_cache()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "requests": len(prompts),
+        "seconds": seconds,
+        "output_tokens_per_s": tokens / seconds,
+        "server_concurrency": level.concurrency,
+        "server_fraction": level.output_tokens_per_s / (tokens / seconds),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -283,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         "--update-docs", action="store_true", help="rewrite the section in docs/benchmarks.md"
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="then run the largest level's requests through the offline LLM, for comparison",
+    )
     args = p.parse_args(argv)
 
     proc = log = None
@@ -308,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
     table = _table(levels)
     print(table)
+    offline = None
+    if args.offline and not args.url:
+        offline = _offline(args, max(levels, key=lambda lv: lv.concurrency))
+        print(
+            f"offline LLM, the same {offline['requests']} requests: "
+            f"{offline['output_tokens_per_s']:.1f} out tok/s; the server at "
+            f"{offline['server_concurrency']} clients reached {offline['server_fraction']:.0%} of it"
+        )
     meta = {
         "model": args.model or "SmolLM2-135M-Instruct (default GGUF, 8-bit block CPU kernels)",
         "machine": _device(args.server_arg),
@@ -322,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "levels": [asdict(lv) for lv in levels]}, indent=2))
+    record = {"meta": meta, "levels": [asdict(lv) for lv in levels], "offline": offline}
+    out.write_text(json.dumps(record, indent=2))
     print(f"JSON: {out}", file=sys.stderr)
     if args.update_docs:
         _update_docs(table, meta)

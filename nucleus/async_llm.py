@@ -18,8 +18,9 @@ Failure handling (one request never takes the others down):
   (finish_reason "error", the exception's message) and frees their KV blocks; waiting requests are
   kept and the loop goes on serving. If nothing was running, the waiting requests are failed too,
   so that a request that breaks scheduling cannot wedge the loop. The traceback is logged.
-- if the engine thread itself dies (a bug outside a step), every open stream ends with an error
-  and new requests raise `EngineDeadError`.
+- if the engine thread itself dies (a bug outside a step), or the model's tensor-parallel group
+  ends (a worker process died or failed: `TensorParallelError`), every open stream ends with an
+  error and new requests raise `EngineDeadError`.
 
 `max_waiting` bounds the requests queued and not yet running: beyond it `generate` raises
 `QueueFull` at once (the server answers 503). `shutdown()` aborts every request (their streams end
@@ -33,16 +34,18 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nucleus.distributed import TensorParallelError
 from nucleus.engine.engine import LLMEngine
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
+from nucleus.tools import Tool, encode_tool_chat
 
 logger = logging.getLogger("nucleus.async_llm")
 
@@ -100,6 +103,7 @@ class AsyncLLM:
         max_waiting: int | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
+        tensor_parallel_size: int = 1,
         exact: bool = False,
         **engine_options: Any,
     ) -> None:
@@ -112,6 +116,7 @@ class AsyncLLM:
             tokenizer=tokenizer,
             seed=seed,
             num_threads=num_threads,
+            tensor_parallel_size=tensor_parallel_size,
             exact=exact,
             **engine_options,
         )
@@ -173,10 +178,13 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Sequence[Tool] | None = None
+    ) -> list[int]:
+        """Prompt ids of a conversation, with the tools the model may call (`nucleus.tools`)."""
         if self.chat_format is None:
             raise ValueError("this model has no chat format")
-        return list(self.chat_format.encode_dialog_prompt(messages))
+        return encode_tool_chat(self.chat_format, messages, tools)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot (read without stopping the engine thread, so only roughly consistent)."""
@@ -262,7 +270,8 @@ class AsyncLLM:
             self._cv.notify()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Abort every request (streams end with "abort"), then stop the engine thread."""
+        """Abort every request (streams end with "abort"), then stop the engine thread (which
+        ends the engine's tensor-parallel workers, if any)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -311,6 +320,8 @@ class AsyncLLM:
                     continue
                 try:
                     outputs = engine.step()
+                except TensorParallelError:
+                    raise  # the model is gone: no step can run again
                 except Exception as e:
                     self.num_step_errors += 1
                     logger.exception("engine step failed; failing the running requests")
@@ -326,6 +337,8 @@ class AsyncLLM:
                         error_output(rid, [], SamplingParams(), f"engine thread died: {e!r}"),
                     )
             raise
+        finally:
+            engine.shutdown()
 
     def _drain(self) -> None:
         """At shutdown: abort everything still known, and report it."""

@@ -561,6 +561,11 @@ def _run_chat(args: argparse.Namespace) -> int:
     if one_shot is not None and not one_shot.strip():
         raise UsageError("the message is empty")
     session = _Session(args)
+    if session.chat_format is None:
+        raise CLIError(
+            f"{session.name} has no chat format (no chat template): "
+            "use 'nucleus generate' to complete text"
+        )
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

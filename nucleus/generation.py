@@ -19,6 +19,7 @@ The reference's known bugs (its section 8.2) are kept by default. `fix_reference
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nucleus.chat_template import ChatTemplate
+from nucleus.distributed import TensorParallel
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.runner import ModelRunner
 from nucleus.engine.sequence import Sequence as EngineSequence
@@ -40,6 +42,10 @@ from nucleus.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 __all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message"]
 
 BLOCK_SIZE = 16
+# The loop's own padding: the reference pads with `tokenizer.pad_id`, which is -1 in Meta's
+# tokenizer and so equals no token. Other tokenizers give `pad_id` a real token (often the
+# end-of-turn token every chat prompt holds), so the loop never uses theirs.
+PAD = -1
 # The reference loop samples by itself; the engine sequences it drives carry no parameters of use.
 _UNUSED_PARAMS = SamplingParams()
 
@@ -98,16 +104,22 @@ class Llama:
         """Load a model and its tokenizer.
 
         Args:
-            ckpt_dir: a Meta checkpoint directory (`params.json`, `consolidated.*.pth`; shards
-                are merged), a Hugging Face directory, a `.gguf` file, or None for the built-in
-                default model.
+            ckpt_dir: a Meta checkpoint directory (`params.json`, `consolidated.*.pth`), a Hugging
+                Face directory, a `.gguf` file, or None for the built-in default model.
             tokenizer_path: the tokenizer (`tokenizer.model` or `tokenizer.json`); None takes the
                 model's own (for a Meta directory, its `tokenizer.model`).
             max_seq_len: longest prompt plus generation, 1..8192 (more with Llama 3.1 RoPE scaling).
             max_batch_size: most prompts in one `generate` call.
-            model_parallel_size: 1 or None; tensor parallelism is not supported yet.
+            model_parallel_size: the ranks the model is split across (tensor parallelism); None
+                takes `WORLD_SIZE` (1 without it), as the reference does. With N > 1, run the
+                program under `torchrun --nproc_per_node N`, as Meta's: every rank builds its
+                shard and runs the same calls (same arguments, same seed), ranks beyond the first
+                with stdout sent to /dev/null. A Meta checkpoint of N shards is read one file per
+                rank; any other (more shards, fewer, or another format) is re-sharded. A rank that
+                fails to load makes every rank raise.
             seed: seeds the global torch generator once, as the reference does.
-            device: default CUDA when available, else CPU.
+            device: default CUDA when available (rank r of a group on `cuda:LOCAL_RANK`), else
+                the CPU (a group of CPU processes talks over gloo).
             dtype: default bf16 on CUDA, float32 on CPU.
             fix_reference_bugs: fix the reference's known bugs (see the module docstring).
         """
@@ -115,26 +127,36 @@ class Llama:
 
         _check_int("max_seq_len", max_seq_len, 1)
         _check_int("max_batch_size", max_batch_size, 1)
-        if model_parallel_size is not None:
-            _check_int("model_parallel_size", model_parallel_size, 1)
-            if model_parallel_size > 1:
-                raise NotImplementedError(
-                    f"model_parallel_size={model_parallel_size}: tensor parallelism is not "
-                    "supported yet; pass 1 or None (shards of a checkpoint are merged on one device)"
-                )
+        if model_parallel_size is None:  # 1.2 step 3
+            model_parallel_size = int(os.environ.get("WORLD_SIZE", "1"))
+        _check_int("model_parallel_size", model_parallel_size, 1)
         start = time.time()
+        if model_parallel_size > 1:
+            tp = TensorParallel.from_torchrun(model_parallel_size, device)
+            device = tp.device
+            if tp.local_rank > 0:  # 1.2 step 6
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+        else:
+            tp = TensorParallel()
+            device = torch.device(device) if device is not None else default_device()
         torch.manual_seed(seed)  # once, here; generate continues this stream (1.2 step 5)
-        files = load_model_files(ckpt_dir, tokenizer_path)
-        config = files.config
-        limit = config.max_position_embeddings or (
-            131072 if config.rope_scaling else REFERENCE_MAX_SEQ_LEN
-        )
-        if max_seq_len > limit:
-            raise ValueError(f"max_seq_len must be <= {limit} for this model, got {max_seq_len}")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        model = files.build_model(device=device, dtype=dtype)
-        print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
+        try:
+            files = load_model_files(ckpt_dir, tokenizer_path)
+            config = files.config
+            limit = config.max_position_embeddings or (
+                131072 if config.rope_scaling else REFERENCE_MAX_SEQ_LEN
+            )
+            if max_seq_len > limit:
+                raise ValueError(
+                    f"max_seq_len must be <= {limit} for this model, got {max_seq_len}"
+                )
+            model = files.build_model(device=device, dtype=dtype or default_dtype(device), tp=tp)
+            failure = None
+        except Exception as e:
+            failure = e
+        tp.agree(failure, "loading the model")  # no rank goes on to wait for one that failed
+        if tp.local_rank == 0:
+            print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(
             model,
             files.tokenizer,
@@ -156,8 +178,13 @@ class Llama:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        # Llama 3 models use Meta's ChatFormat; other models their own chat template.
-        self.formatter = chat or ChatFormat(tokenizer)
+        if chat is None:
+            from nucleus.loaders import chat_format_for
+
+            chat = chat_format_for(tokenizer)
+        # Meta's ChatFormat for Llama 3 vocabularies, else the model's own template; None for a
+        # model with neither, which can complete text but not chat.
+        self.formatter = chat
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.fix_reference_bugs = fix_reference_bugs
@@ -214,8 +241,8 @@ class Llama:
     ) -> torch.Tensor:
         """Logits `(B, end-start or 1, V)` of columns `[start, end)` of every row, through the
         engine's runner with the reference's attention arithmetic."""
-        bsz = len(rows)
-        hidden = runner.forward(rows, [start] * bsz, [end - start] * bsz).view(bsz, end - start, -1)
+        bsz, width = len(rows), end - start
+        hidden = runner.forward(rows, [start] * bsz, [width] * bsz).view(bsz, width, -1)
         if not all_logits:
             hidden = hidden[:, -1:]
         return self.model.compute_logits(hidden)
@@ -247,13 +274,12 @@ class Llama:
         self._validate(prompt_tokens, max_gen_len, temperature, top_p)
         fix = self.fix_reference_bugs
         bsz = len(prompt_tokens)
-        pad_id = self.tokenizer.pad_id
         device = self.device
         prompt_lens = [len(t) for t in prompt_tokens]
         min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
         total_len = min(self.max_seq_len, max_gen_len + max_prompt_len)
 
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
@@ -277,12 +303,12 @@ class Llama:
 
         prev_pos = 0
         eos_reached = torch.tensor([False] * bsz, device=device)
-        input_text_mask = tokens != pad_id
+        # The prompt positions, from the prompt lengths (the reference's `tokens != pad_id`).
+        prompt_ends = torch.tensor(prompt_lens, device=device)
+        input_text_mask = torch.arange(total_len, device=device) < prompt_ends[:, None]
         # Positions each row may still fill: the reference fills up to total_len; the fix stops a
         # row at its own budget.
-        row_end = torch.tensor(
-            [min(n + max_gen_len, total_len) for n in prompt_lens], device=device
-        )
+        row_end = (prompt_ends + max_gen_len).clamp(max=total_len)
         if min_prompt_len == total_len and logprobs:  # unused otherwise; draws no RNG
             logits = self._logits(runner, rows, 0, total_len, all_logits=True)
             if fix:  # aligned as the loop aligns them: position 0 has no prediction
@@ -290,14 +316,16 @@ class Llama:
                     logits[:, :-1].transpose(1, 2),
                     tokens[:, 1:],
                     reduction="none",
-                    ignore_index=pad_id,
+                    ignore_index=PAD,
                 )
             else:  # the reference's unshifted target (2.1 step 7)
                 token_logprobs = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
+                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD
                 )
 
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
+        stop_tokens = torch.tensor(
+            sorted(self.tokenizer.stop_tokens), dtype=torch.long, device=device
+        )
         for cur_pos in range(min_prompt_len, total_len):
             logits = self._logits(runner, rows, prev_pos, cur_pos, all_logits=logprobs)
             if temperature > 0:
@@ -316,7 +344,7 @@ class Llama:
                     logits.transpose(1, 2),
                     tokens[:, prev_pos + 1 : cur_pos + 1],
                     reduction="none",
-                    ignore_index=pad_id,
+                    ignore_index=PAD,
                 )
             eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop_tokens)
             prev_pos = cur_pos
@@ -357,12 +385,13 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> list[CompletionPrediction]:
-        """Complete each prompt (BOS added, special-token text encoded as text)."""
+        """Complete each prompt: special-token text is encoded as text, and a BOS comes first
+        where the model wants one (always with Meta's tokenizer, as the reference)."""
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         if not isinstance(prompts, Sequence) or isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings")
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [self.tokenizer.encode_prompt(x) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
             max_gen_len=max_gen_len,
@@ -381,7 +410,13 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant, in the Llama 3 chat format."""
+        """Answer each dialog as the assistant, in the Llama 3 chat format (other models: in
+        their own chat template)."""
+        if self.formatter is None:
+            raise ValueError(
+                "this model has no chat format (neither Llama 3's chat tokens nor a chat "
+                "template): use text_completion"
+            )
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]

@@ -6,23 +6,33 @@
 
 A thin loop over `LLMEngine`: every prompt is added at once, the engine's continuous batching runs
 them to completion, and the outputs come back in prompt order.
+
+`LLM(model, tensor_parallel_size=N)` runs the model across N devices (N processes on the CPU):
+this process is rank 0 and starts the other ranks' worker processes itself
+(`nucleus.distributed.workers`); the engine, the scheduler and the sampler stay here.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nucleus.cpu.model import CpuModel
+from nucleus.distributed.group import TensorParallel, cpu_threads_per_rank
 from nucleus.engine.engine import EngineConfig, LLMEngine
+from nucleus.model import Transformer
 from nucleus.outputs import RequestOutput
 from nucleus.sampling_params import SamplingParams
+from nucleus.tools import Tool, ToolRequest, encode_tool_chat
 
 PromptType = str | list[int] | dict[str, Any]
+# Builds rank `tp.rank`'s shard of the model on `tp.device` (`nucleus.distributed.workers`).
+ModelBuilder = Callable[[TensorParallel], Transformer]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -63,6 +73,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(
             f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)} or 'auto'"
         ) from None
+
+
+def _load_shard(
+    model: str | Path | None, tokenizer: str | Path | None, dtype: torch.dtype, tp: TensorParallel
+) -> Transformer:
+    """A worker's shard of the model that an `LLM` was given (its own arguments)."""
+    from nucleus.loaders import load_model_files
+
+    files = load_model_files(model, tokenizer_path=tokenizer)
+    return files.build_model(device=tp.device, dtype=dtype, tp=tp)
 
 
 def is_token_ids(value: object) -> bool:
@@ -126,11 +146,18 @@ class LLM:
             float32 on the CPU: the fastest correct choice there, see `resolve_dtype`).
         tokenizer: a tokenizer file overriding the model's own.
         seed: seeds the default generator that unseeded sampled requests draw from.
-        num_threads: CPU threads (default: every CPU this process may use).
+        num_threads: CPU threads for torch (default: torch's own choice; with tensor parallelism on
+            the CPU, the cores shared out between the ranks).
+        tensor_parallel_size: devices (ranks) the model is split across: with N > 1, rank r runs
+            on `cuda:r` (or every rank on the CPU, over gloo), in a worker process this `LLM`
+            starts (rank 0 runs here); `shutdown()` (or the end of the program) ends them.
+            Programs that use it need an `if __name__ == "__main__":` guard (the workers are
+            started with `spawn`, which imports the main module).
         exact: on the CPU, a GGUF model runs through the C forward pass over its own blocks with
             8-bit activations, as llama.cpp computes it (`nucleus.cpu`; docs/cpu.md states its
             error); `exact=True` runs the torch model on the dequantized weights in float32
-            instead (slower). Other devices, dtypes and formats always take the torch model.
+            instead (slower). Other devices, dtypes, formats and tensor parallelism always take
+            the torch model.
         **engine_options: `EngineConfig` fields: `block_size`, `num_kv_blocks`, `max_num_seqs`,
             `max_num_batched_tokens`, `max_model_len`, `enable_prefix_caching`, `kv_dtype`,
             `memory_fraction`.
@@ -145,36 +172,105 @@ class LLM:
         tokenizer: str | Path | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
+        tensor_parallel_size: int = 1,
         exact: bool = False,
         **engine_options: Any,
     ) -> None:
         from nucleus.loaders import load_model_files
 
-        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown LLM options: {sorted(unknown)}")
-        if isinstance(engine_options.get("kv_dtype"), str):
-            engine_options["kv_dtype"] = resolve_dtype(
-                engine_options["kv_dtype"], torch.device("cpu")
-            )
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        if seed is not None:
-            torch.manual_seed(seed)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        config = self._engine_config(engine_options, tensor_parallel_size, num_threads, seed)
         files = load_model_files(model, tokenizer_path=tokenizer)
         self.model_name = files.name
         self.chat_format = files.chat
         self.tokenizer = files.tokenizer
-        cpu_path = files.gguf is not None and self.device.type == "cpu"
-        if cpu_path and not exact and self.dtype == torch.float32:
+        cpu_path = files.gguf is not None and self.device.type == "cpu" and not exact
+        if cpu_path and self.dtype == torch.float32 and tensor_parallel_size == 1:
+            self._ids = itertools.count()
             self.model = files.build_cpu_model(num_threads=num_threads)
-        else:
-            self.model = files.build_model(device=self.device, dtype=self.dtype)
-        del files
-        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_options))
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
+            return
+
+        def build(tp: TensorParallel) -> Transformer:
+            nonlocal files
+            shard = files.build_model(device=tp.device, dtype=self.dtype, tp=tp)
+            files = None  # the checkpoint's memory goes to the KV cache
+            return shard
+
+        worker_build = functools.partial(_load_shard, model, tokenizer, self.dtype)
+        self._start(build, worker_build, tensor_parallel_size, config)
+
+    @classmethod
+    def from_builder(
+        cls,
+        build: ModelBuilder,
+        tokenizer: Any,
+        *,
+        device: str | torch.device | None = None,
+        tensor_parallel_size: int = 1,
+        chat_format: Any = None,
+        name: str = "model",
+        **engine_options: Any,
+    ) -> LLM:
+        """An `LLM` over the model that `build(tp)` makes for each rank `tp` (its shard, on
+        `tp.device`); with `tensor_parallel_size > 1`, `build` goes to the worker processes, so
+        it must be picklable (a module-level function or a `functools.partial` of one).
+        Benchmarks use it for random weights made on each device."""
+        self = cls.__new__(cls)
+        self.device = resolve_device(device)
+        self.tokenizer, self.chat_format, self.model_name = tokenizer, chat_format, name
+        config = self._engine_config(engine_options, tensor_parallel_size, None, None)
+        self._start(build, build, tensor_parallel_size, config)
+        self.dtype = self.model.tok_embeddings.weight.dtype
+        return self
+
+    def _engine_config(
+        self,
+        options: dict[str, Any],
+        tensor_parallel_size: int,
+        num_threads: int | None,
+        seed: int | None,
+    ) -> EngineConfig:
+        unknown = set(options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown LLM options: {sorted(unknown)}")
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
+        if isinstance(options.get("kv_dtype"), str):
+            options["kv_dtype"] = resolve_dtype(options["kv_dtype"], torch.device("cpu"))
+        if num_threads is None and tensor_parallel_size > 1 and self.device.type == "cpu":
+            num_threads = cpu_threads_per_rank(tensor_parallel_size)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return EngineConfig(**options)
+
+    def _start(
+        self,
+        build: ModelBuilder,
+        worker_build: ModelBuilder,
+        tensor_parallel_size: int,
+        config: EngineConfig,
+    ) -> None:
+        """Build rank 0's model here (the whole model with one rank) and the engine over it;
+        with more ranks, start the workers first (they load while this process does)."""
         self._ids = itertools.count()
+        if tensor_parallel_size == 1:
+            self.model = build(TensorParallel(device=self.device))
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
+            return
+        from nucleus.distributed.workers import WorkerGroup
+
+        workers = WorkerGroup.start(worker_build, tensor_parallel_size, self.device)
+        try:
+            self.model = build(workers.tp)
+            workers.connect()
+            self.engine = LLMEngine(self.model, self.tokenizer, config, workers=workers)
+        except BaseException:
+            workers.close()
+            raise
 
     @classmethod
     def from_engine(cls, engine: LLMEngine, chat_format: Any = None, name: str = "model") -> LLM:
@@ -193,6 +289,10 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def shutdown(self) -> None:
+        """End the worker processes of a tensor-parallel model; the `LLM` cannot generate after."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -217,25 +317,44 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | Sequence[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
     ) -> list[RequestOutput]:
         """Chat completions: one conversation (a list of `{"role", "content"}` dicts) or a list of
         conversations, formatted with the model's chat format and ended with the assistant
-        header."""
+        header.
+
+        `tools`, `tool_choice` and `parallel_tool_calls` are OpenAI's (`nucleus.tools`); with
+        tools, each output's `tool_calls` holds the calls found in its text (None when it is
+        plain content). Messages may hold OpenAI's `tool_calls` and `role: "tool"` results.
+        """
         if self.chat_format is None:
             raise ValueError("this model has no chat format")
         if not isinstance(messages, (list, tuple)):
             raise TypeError("messages must be a conversation or a list of conversations")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        items = [self.encode_chat(list(c)) for c in conversations]
+        request = ToolRequest.build(tools, tool_choice, parallel_tool_calls)
+        shown = request.prompt_tools if request else None
+        items = [self.encode_chat(list(c), tools=shown) for c in conversations]
         params = expand_params(sampling_params, len(items))
-        return self._run(items, params, use_tqdm=use_tqdm)
+        if request is not None:
+            params = [request.sampling_params(p, self.chat_format) for p in params]
+        outputs = self._run(items, params, use_tqdm=use_tqdm)
+        if request is not None:
+            for out in outputs:
+                for c in out.outputs:
+                    c.tool_calls = request.parse(c.text)
+        return outputs
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(self.chat_format.encode_dialog_prompt(messages))
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Sequence[Tool] | None = None
+    ) -> list[int]:
+        return encode_tool_chat(self.chat_format, messages, tools)
 
     def _run(
         self, items: list[str | list[int]], params: list[SamplingParams], *, use_tqdm: bool

@@ -9,6 +9,10 @@ their positions, attending through a paged KV cache) and three seams chosen once
   fused into one matrix each when the weights are loaded;
 - attention, through the backend the caller passes with its metadata (`nucleus.attention`).
 
+Under tensor parallelism (`nucleus.distributed`) the same model runs on every rank with its shard
+of the weights: the linears and the embedding are the sharded layers, which hold this rank's heads
+and rows and call the group's collectives; everything else reads as on one device.
+
 A block computes `h = x + attention(norm(x))`, `out = h + feed_forward(norm(h))`; each residual
 add is done by the next norm (`add_rms_norm`), which rounds the sum to the model dtype as `x + h`
 does.
@@ -23,7 +27,15 @@ from torch import nn
 
 from nucleus.attention.base import AttentionBackend
 from nucleus.config import ModelConfig, RopeScaling
-from nucleus.linear import Linear
+from nucleus.distributed.group import TensorParallel
+from nucleus.distributed.layers import (
+    ColumnParallelLinear,
+    Heads,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    check_shardable,
+    local_units,
+)
 from nucleus.ops import ModelOps, TorchOps, select_ops
 
 
@@ -50,15 +62,16 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TensorParallel):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
-        self.head_dim = config.head_dim
-        q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.wqkv = Linear(config.dim, {"wq": q_width, "wk": kv_width, "wv": kv_width})
-        self.wo = Linear(q_width, config.dim)
+        # This rank's heads (all of them on one device).
+        self.n_heads = local_units(config.n_heads, tp.world_size)
+        self.n_kv_heads = local_units(config.n_kv_heads, tp.world_size)
+        self.head_dim = hd = config.head_dim
+        q, kv = Heads(config.n_heads, hd), Heads(config.n_kv_heads, hd)
+        self.wqkv = ColumnParallelLinear(config.dim, {"wq": q, "wk": kv, "wv": kv}, tp)
+        self.wo = RowParallelLinear(q, config.dim, tp)
         self.ops: ModelOps = TorchOps()
 
     def forward(
@@ -76,10 +89,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, tp: TensorParallel):
         super().__init__()
-        self.w13 = Linear(dim, {"w1": hidden_dim, "w3": hidden_dim})  # gate and up, fused
-        self.w2 = Linear(hidden_dim, dim)
+        self.w13 = ColumnParallelLinear(dim, {"w1": hidden_dim, "w3": hidden_dim}, tp)  # gate, up
+        self.w2 = RowParallelLinear(hidden_dim, dim, tp)
         self.ops: ModelOps = TorchOps()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,10 +100,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TensorParallel):
         super().__init__()
-        self.attention = Attention(config, layer_id)
-        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+        self.attention = Attention(config, layer_id, tp)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim, tp)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
@@ -112,15 +125,18 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """`forward(tokens (T,), positions (T,), attn, meta) -> hidden (T, dim)`; then
     `compute_logits`. `attn` is the attention backend (it holds the KV cache) and `meta` its
-    metadata for this step."""
+    metadata for this step. `tp`: this rank's place in a tensor-parallel group (default: one
+    device, the whole model)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.tp = tp = tp or TensorParallel()
+        check_shardable(config, tp.world_size)
+        self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.dim, tp)
+        self.layers = nn.ModuleList(TransformerBlock(config, i, tp) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size)
+        self.output = ColumnParallelLinear(config.dim, config.vocab_size, tp, gather=True)
         self.tie_weights()
         self.register_buffer(
             "rope_freqs",
@@ -176,5 +192,6 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model dtype, then upcast: float32 holding bf16-rounded values in bf16."""
+        """Logits in the model dtype (every rank's vocabulary slice gathered), then upcast:
+        float32 holding bf16-rounded values in bf16."""
         return self.output(hidden).float()

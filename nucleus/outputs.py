@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nucleus.tools import ToolCall
 
 # One entry per token: {token_id: logprob} holding the chosen token and the top-N alternatives.
 Logprobs = list[dict[int, float]]
@@ -17,6 +21,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length", "abort", "error", or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None  # why the request failed, with finish_reason "error"
+    tool_calls: list[ToolCall] | None = None  # `LLM.chat(tools=...)`: the calls in `text`
 
     @property
     def finished(self) -> bool:

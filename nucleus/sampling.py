@@ -1,13 +1,15 @@
 """From logits to tokens: the reference's `sample_top_p`, and the engine's batched `Sampler`.
 
 The `Sampler` works on a whole batch at once (no Python loop per request), in this order:
-penalties and logit bias on the logits, temperature, softmax, one descending sort shared by top-k,
-min-p and top-p, then a draw by exponential race, `argmax(probs / q)` with `q ~ Exp(1)`, which is
-how `torch.multinomial(probs, 1)` draws. Rows with their own seed draw `q` from their own
-`torch.Generator`, one `(V,)` draw per generated token whatever the batch, so a seeded request
-gives the same tokens alone or in a batch. That per-row draw is the only loop over rows, and only
-over rows that carry a generator. Log-probabilities are always of the raw model distribution
-(`log_softmax` of the unmodified logits), as the reference gives.
+penalties and logit bias on the logits, the structured-output masks (a bias of -inf on the tokens
+a row's constraint does not allow, added to the constrained rows only), temperature, softmax, one
+descending sort shared by top-k, min-p and top-p, then a draw by exponential race,
+`argmax(probs / q)` with `q ~ Exp(1)`, which is how `torch.multinomial(probs, 1)` draws. Rows
+with their own seed draw `q` from their own `torch.Generator`, one `(V,)` draw per generated token
+whatever the batch, so a seeded request gives the same tokens alone or in a batch. That per-row
+draw is the only loop over rows, and only over rows that carry a generator. Log-probabilities are
+always of the raw model distribution (`log_softmax` of the unmodified logits), as the reference
+gives.
 
 Top-p on a row without top-k or min-p is exactly the reference's `sample_top_p`: the kept tokens
 are those whose higher-ranked mass (exclusive cumulative sum) is `<= p`. With top-k or min-p, those
@@ -73,6 +75,9 @@ class SamplingTensors:
     # Additive biases and bans as (rows, token ids, values); bans are -inf (min_tokens).
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Structured outputs: (rows (K,), bias (K, V) float32: 0 where the row's constraint allows the
+    # token, -inf where not) for the K constrained rows; None when no row is constrained.
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def max_logprobs(self) -> int:
@@ -89,11 +94,16 @@ class SamplingTensors:
         prompt_ids: Sequence[Sequence[int]] | None = None,
         output_ids: Sequence[Sequence[int]] | None = None,
         banned_ids: Sequence[Iterable[int]] | None = None,
+        token_counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+        allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingTensors:
         """Build the step's tensors from each row's params (once per step).
 
-        `prompt_ids`/`output_ids` are needed only when a row has a penalty; `banned_ids[i]` are
-        tokens row `i` may not produce this step (its stop tokens, while under `min_tokens`).
+        `prompt_ids`/`output_ids` are needed only when a row has a penalty, unless `token_counts`
+        gives their result, `(output counts (B, V) float32, prompt masks (B, V) bool)`, already on
+        the device (`nucleus.engine.penalties`); `banned_ids[i]` are tokens row `i` may not
+        produce this step (its stop tokens, while under `min_tokens`); `allowed`: the
+        structured-output masks of the constrained rows (`SamplingTensors.allowed`).
         """
         B, V = len(params), vocab_size
 
@@ -123,6 +133,7 @@ class SamplingTensors:
             do_top_p=any(p < 1.0 for p, g in zip(top_p, greedy, strict=True) if not g),
             do_top_k=any(k < V for k, g in zip(top_k, greedy, strict=True) if not g),
             do_min_p=any(m > 0 for m, g in zip(min_p, greedy, strict=True) if not g),
+            allowed=allowed,
         )
         if len(st.generators) != B:
             raise ValueError(f"{len(st.generators)} generators for {B} rows")
@@ -133,12 +144,17 @@ class SamplingTensors:
         do_rep = any(r != 1.0 for r in rep)
         do_freq = any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres)
         if do_rep or do_freq:
-            if output_ids is None or (do_rep and prompt_ids is None):
+            if token_counts is None and (output_ids is None or (do_rep and prompt_ids is None)):
                 raise ValueError("penalties need the rows' prompt_ids and output_ids")
-            st.output_counts = _token_counts(output_ids, V, device)
+            if token_counts is not None:
+                st.output_counts, prompt_mask = token_counts
+            else:
+                st.output_counts = _token_counts(output_ids, V, device)
             if do_rep:
                 st.repetition_penalty = tensor(rep, torch.float32)
-                st.prompt_mask = _token_counts(prompt_ids, V, device) > 0
+                if token_counts is None:
+                    prompt_mask = _token_counts(prompt_ids, V, device) > 0
+                st.prompt_mask = prompt_mask
             if do_freq:
                 st.frequency_penalty = tensor(freq, torch.float32)
                 st.presence_penalty = tensor(pres, torch.float32)
@@ -237,6 +253,8 @@ class Sampler:
         # One pass: a NaN or inf anywhere in a row makes its sum NaN or inf.
         nonfinite = ~torch.isfinite(logits.sum(dim=-1))
         x = apply_penalties(logits, st)
+        if st.allowed is not None:
+            x = x.index_add(0, *st.allowed)  # a new tensor: the raw logits stay for logprobs
         greedy_tokens = x.argmax(dim=-1)
         if st.all_greedy:
             tokens = greedy_tokens

@@ -2,8 +2,72 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the text a request may produce: exactly one of
+
+    - `json`: a JSON Schema (a dict, or its JSON text): the output is one JSON value it accepts;
+    - `json_object`: any JSON object;
+    - `regex`: a regular expression the whole output matches (Rust `regex` syntax);
+    - `grammar`: a context-free grammar, in Lark or GBNF (llama.cpp) syntax;
+    - `choice`: the output is exactly one of these strings.
+
+    The names are vLLM's. Only the shape is checked here; whether the schema, expression or grammar
+    compiles is checked when the request is added (`nucleus.engine.structured`), and a request
+    whose constraint does not compile fails alone with the compiler's message.
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"StructuredOutputsParams: {message}")
+
+        given = [
+            name
+            for name, value in (
+                ("json", self.json is not None),
+                ("json_object", self.json_object),
+                ("regex", self.regex is not None),
+                ("grammar", self.grammar is not None),
+                ("choice", self.choice is not None),
+            )
+            if value
+        ]
+        if len(given) != 1:
+            fail(f"give exactly one of json, json_object, regex, grammar, choice (got {given})")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = json.loads(self.json)
+                except ValueError as e:
+                    fail(f"json is not valid JSON text: {e}")
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                fail(f"json must be a JSON Schema (an object), got {type(schema).__name__}")
+        if not isinstance(self.json_object, bool):
+            fail("json_object must be a bool")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                fail(f"{name} must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple))
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            fail("choice must be a non-empty list of non-empty strings")
 
 
 @dataclass
@@ -15,6 +79,8 @@ class SamplingParams:
     `ignore_eos`) end it with the token left out of the text. `logprobs=N` returns, per generated
     token, its log-probability and the N most likely alternatives; `prompt_logprobs=N` does the same
     for prompt tokens. Log-probabilities are of the raw model distribution, as the reference gives.
+    `structured_outputs` constrains the output to a JSON Schema, any JSON object, a regular
+    expression, a grammar or a choice of strings (`StructuredOutputsParams`).
     """
 
     n: int = 1
@@ -35,6 +101,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     min_tokens: int = 0
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +162,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or not 0 <= value <= 20):
                 fail(name, f"must be None or an integer in [0, 20], got {value!r}")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            fail("structured_outputs", "must be a StructuredOutputsParams or None")
 
     @property
     def greedy(self) -> bool:

@@ -15,9 +15,12 @@ import operator
 import os
 import re
 from collections.abc import Collection, Iterator, Sequence
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import tiktoken
+
+if TYPE_CHECKING:
+    from nucleus.hf_tokenizer import HFTokenizer
 
 Role = Literal["system", "user", "assistant"]
 
@@ -277,10 +280,21 @@ class Tokenizer:
 
 
 class ChatFormat:
-    """Llama 3 instruct chat format (Meta's ``llama3`` repo: no tools, content stripped)."""
+    """Llama 3 instruct chat format (Meta's ``llama3`` repo: no tools, content stripped).
 
-    def __init__(self, tokenizer: Tokenizer):
+    Works on any tokenizer of the Llama 3 vocabulary: Meta's ``tokenizer.model``, or its
+    ``tokenizer.json`` or GGUF form (``HFTokenizer``), with the same ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer):
         self.tokenizer = tokenizer
+
+    def _encode_text(self, s: str) -> list[int]:
+        """``s`` with special-token text encoded as ordinary text, as Meta's tokenizer does by
+        default; ``HFTokenizer`` must be told (its default maps that text to the special ids)."""
+        if isinstance(self.tokenizer, Tokenizer):
+            return self.tokenizer.encode(s, bos=False, eos=False)
+        return self.tokenizer.encode(s, bos=False, eos=False, special=False)
 
     def encode_header(self, message: Message) -> list[int]:
         """Encodes ``<|start_header_id|>{role}<|end_header_id|>\\n\\n``.
@@ -293,9 +307,9 @@ class ChatFormat:
         """
         tok = self.tokenizer
         tokens = [tok.special_tokens["<|start_header_id|>"]]
-        tokens.extend(tok.encode(message["role"], bos=False, eos=False))
+        tokens.extend(self._encode_text(message["role"]))
         tokens.append(tok.special_tokens["<|end_header_id|>"])
-        tokens.extend(tok.encode("\n\n", bos=False, eos=False))
+        tokens.extend(self._encode_text("\n\n"))
         return tokens
 
     def encode_message(self, message: Message) -> list[int]:
@@ -308,7 +322,7 @@ class ChatFormat:
             The token IDs of the message.
         """
         tokens = self.encode_header(message)
-        tokens.extend(self.tokenizer.encode(message["content"].strip(), bos=False, eos=False))
+        tokens.extend(self._encode_text(message["content"].strip()))
         tokens.append(self.tokenizer.special_tokens["<|eot_id|>"])
         return tokens
 

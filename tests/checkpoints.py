@@ -26,6 +26,7 @@ class Shape:
     scaled_rope: bool = False  # Llama 3.1
     rope_factor: float = 8.0
     tied: bool = False  # Llama 3.2 1B/3B
+    vocab_size: int = VOCAB
 
     @property
     def head_dim(self) -> int:
@@ -38,7 +39,7 @@ class Shape:
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_kv_heads": self.n_kv_heads,
-            "vocab_size": VOCAB,
+            "vocab_size": self.vocab_size,
             "multiple_of": self.ffn_hidden,
             "ffn_dim_multiplier": None,
             "norm_eps": 1e-5,
@@ -62,7 +63,7 @@ class Shape:
                 "original_max_position_embeddings": 8192,
             }
         return LlamaConfig(
-            vocab_size=VOCAB,
+            vocab_size=self.vocab_size,
             hidden_size=self.dim,
             intermediate_size=self.ffn_hidden,
             num_hidden_layers=self.n_layers,
@@ -82,6 +83,9 @@ class Shape:
 LLAMA3 = Shape()
 LLAMA31 = Shape(scaled_rope=True)
 LLAMA32 = Shape(scaled_rope=True, rope_factor=32.0, tied=True)
+# For tensor parallelism: Llama 3's 8 KV heads, and one KV head (fewer than the ranks).
+GQA8 = Shape(dim=256, n_heads=16, n_kv_heads=8, ffn_hidden=768)
+KV1 = Shape(dim=128, n_heads=4, n_kv_heads=1, ffn_hidden=384)
 
 
 def random_meta_weights(
@@ -95,11 +99,11 @@ def random_meta_weights(
 
     hd = shape.head_dim
     weights = {
-        "tok_embeddings.weight": w(VOCAB, shape.dim, std=1.0),
+        "tok_embeddings.weight": w(shape.vocab_size, shape.dim, std=1.0),
         "norm.weight": 1 + w(shape.dim),
     }
     if not shape.tied:
-        weights["output.weight"] = w(VOCAB, shape.dim) * logit_scale
+        weights["output.weight"] = w(shape.vocab_size, shape.dim) * logit_scale
     for i in range(shape.n_layers):
         p = f"layers.{i}."
         weights |= {
@@ -119,7 +123,8 @@ def random_meta_weights(
 def write_meta_checkpoint(
     path: Path, shape: Shape, weights: dict[str, torch.Tensor], shards: int = 1
 ) -> Path:
-    """`params.json` + `consolidated.NN.pth`, split across `shards` files as fairscale splits them."""
+    """`params.json` + `consolidated.NN.pth`, split across `shards` files as fairscale splits them
+    (with more shards than KV heads, each KV head's rows repeated first, as llama-models does)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.json").write_text(json.dumps(shape.meta_params()))
     row_parallel = ("attention.wo", "feed_forward.w2")
@@ -129,9 +134,12 @@ def write_meta_checkpoint(
         for name, tensor in weights.items():
             if name.rsplit(".", 2)[-2].endswith(replicated) or shards == 1:
                 shard[name] = tensor.clone()
-            else:
-                dim = 1 if any(k in name for k in row_parallel) else 0
-                shard[name] = tensor.chunk(shards, dim=dim)[r].clone()
+                continue
+            dim = 1 if any(k in name for k in row_parallel) else 0
+            if name.endswith(("wk.weight", "wv.weight")) and shards > shape.n_kv_heads:
+                heads = tensor.view(shape.n_kv_heads, -1, shape.dim)
+                tensor = heads.repeat_interleave(shards // shape.n_kv_heads, 0).flatten(0, 1)
+            shard[name] = tensor.chunk(shards, dim=dim)[r].clone()
         torch.save(shard, path / f"consolidated.{r:02d}.pth")
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from nucleus.attention import AttentionBackend, KVCache, ReferenceBackend
@@ -27,3 +29,22 @@ def step_logits(
     tokens = torch.tensor([t for ids, _, _ in seqs for t in ids])
     positions = torch.tensor([cached + j for ids, cached, _ in seqs for j in range(len(ids))])
     return model.compute_logits(model(tokens, positions, backend, meta))
+
+
+def paged_cache(
+    contexts, n_kv, head_dim, *, block_size=16, dtype=torch.float32, device="cpu", seed=0
+):
+    """One layer's random K/V caches `(blocks, block_size, n_kv, head_dim)` holding sequences of
+    `contexts` tokens in shuffled blocks (plus spare ones); returns the caches and block tables."""
+    rng = random.Random(seed)
+    needed = [-(-c // block_size) for c in contexts]
+    ids = list(range(sum(needed) + 3))
+    rng.shuffle(ids)
+    tables, start = [], 0
+    for nb in needed:
+        tables.append(ids[start : start + nb])
+        start += nb
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(ids), block_size, n_kv, head_dim)
+    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return k.to(device, dtype), v.to(device, dtype), tables

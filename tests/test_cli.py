@@ -152,6 +152,20 @@ def test_unusable_model_is_one_line(bad_models, kind):
     assert result.stdout == ""
 
 
+def test_chat_with_a_base_model_is_one_line(tmp_path):
+    """A model with neither Llama 3's chat tokens nor a chat template loads, but cannot chat."""
+    from vocabularies import write_base_model
+
+    checkpoint, tokenizer = write_base_model(tmp_path)
+    result = nucleus("chat", "hi", "--model", str(checkpoint), "--tokenizer", str(tokenizer))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "no chat format" in lines[0] and "nucleus generate" in lines[0]
+    assert_clean_stderr(result.stderr)
+    assert result.stdout == ""
+
+
 # ---- with the default model -----------------------------------------------------------------
 
 

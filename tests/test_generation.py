@@ -18,6 +18,7 @@ from checkpoints import LLAMA3, hf_logits, hf_model, random_meta_weights, write_
 
 from nucleus import Llama
 from nucleus.assets import asset_path
+from nucleus.distributed import TensorParallelError
 from nucleus.loaders import CheckpointError
 
 STOP = {128001, 128009}
@@ -245,7 +246,7 @@ def test_build_errors_are_clear(setup, tokenizer_path, tmp_path):
         Llama.build(str(tmp_path / "nope"), tokenizer_path, 32, 1)
     with pytest.raises(FileNotFoundError, match="tokenizer_path"):
         Llama.build(str(setup[0]), str(tmp_path / "nope.model"), 32, 1)
-    with pytest.raises(NotImplementedError, match="tensor parallelism"):
+    with pytest.raises(TensorParallelError, match="torchrun --nproc_per_node 2"):
         Llama.build(str(setup[0]), tokenizer_path, 32, 1, model_parallel_size=2)
     with pytest.raises(ValueError, match="max_seq_len must be <= 8192"):
         Llama.build(str(setup[0]), tokenizer_path, 9000, 1)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
+from vocabularies import spm_fixture, spm_gguf_metadata
 
 from nucleus.hf_tokenizer import HFTokenizer, TokenizerError
 from nucleus.loaders.gguf import read_gguf_metadata
@@ -285,23 +286,9 @@ def test_llama3_gguf_vocabulary_matches_the_reference_tokenizer(llama3_reference
     )
 
 
-SPM_FIXTURE = Path(__file__).parent / "data" / "spm_llamacpp_ids.json.gz"
-
-
 def test_sentencepiece_vocabulary_matches_llama_cpp():
-    with gzip.open(SPM_FIXTURE, "rt", encoding="utf-8") as f:
-        data = json.load(f)
-    metadata = {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": data["tokens"],
-        "tokenizer.ggml.scores": data["scores"],
-        "tokenizer.ggml.token_type": data["token_type"],
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0,
-        "tokenizer.ggml.add_space_prefix": True,
-    }
-    tok = HFTokenizer.from_gguf(metadata)
+    data = spm_fixture()
+    tok = HFTokenizer.from_gguf(spm_gguf_metadata(data))
     strings = data["strings"]
     got = [tok.encode(s, bos=False, eos=False) for s in strings]
     bad = _mismatches(strings, got, data["ids"])

@@ -17,15 +17,19 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from nucleus.config import ModelConfig
+from nucleus.distributed.layers import local_units
 from nucleus.engine.kv_budget import lazy_zeros
 
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer: `(n_layers, num_blocks, block_size, n_kv_heads, head_dim)`."""
+    """Keys and values of every layer: `(n_layers, num_blocks, block_size, n_kv_heads, head_dim)`,
+    where `n_kv_heads` are the KV heads of this rank (of a tensor-parallel group of `world_size`:
+    its share, or the one it replicates when there are fewer KV heads than ranks)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -38,14 +42,20 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        world_size: int = 1,
     ) -> KVCache:
-        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        n_kv = local_units(config.n_kv_heads, world_size)
+        shape = (config.n_layers, num_blocks, block_size, n_kv, config.head_dim)
         return cls(k=_zeros(shape, dtype, device), v=_zeros(shape, dtype, device))
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1
+    ) -> int:
+        """The bytes of one block on each rank."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * itemsize
+        n_kv = local_units(config.n_kv_heads, world_size)
+        return 2 * config.n_layers * block_size * n_kv * config.head_dim * itemsize
 
     @property
     def num_blocks(self) -> int:
@@ -69,21 +79,23 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return torch.from_numpy(lazy_zeros(nbytes)).view(dtype).view(shape)
 
 
-def long_tensor(values: list, device: torch.device | str) -> torch.Tensor:
-    """int64 host lists to `device`, without waiting for the copy."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def long_tensor(values: list | np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """int64 host lists or arrays to `device`, without waiting for the copy."""
+    return torch.as_tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def slot_mapping(
     query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
-) -> list[int]:
+) -> np.ndarray:
     """The cache slot (`block * block_size + offset`) of every query token, in flat order: the
     query tokens of row `i` are the last `query_lens[i]` of its `context_lens[i]`."""
-    slots: list[int] = []
+    parts = []
     for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables, strict=True):
-        for pos in range(ctx_len - q_len, ctx_len):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    return slots
+        pos = np.arange(ctx_len - q_len, ctx_len)
+        parts.append(
+            np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
+        )
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 class AttentionBackend(ABC):

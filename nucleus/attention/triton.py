@@ -3,8 +3,9 @@
 Decode rows read the paged cache in place through their block tables (split-KV, GQA groups
 together: `nucleus.kernels.triton.decode_attention`); pad rows of a graph-padded batch store
 nothing and read nothing. Everything a decode step needs lives in device tensors, so a captured
-CUDA graph replays it for any contexts (`decode_metadata`). Prefill chunks still take the torch
-path of `TorchBackend` (gather + SDPA).
+CUDA graph replays it for any contexts (`decode_metadata`). All prefill chunks of a step run in
+one launch of the paged prefill kernel (`nucleus.kernels.triton.prefill_attention`), their
+earlier context read from the cache (prefix hits, chunked prefill).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nucleus.attention.base import KVCache, long_tensor
 from nucleus.attention.torch_sdpa import AttentionPlan, TorchBackend
 from nucleus.kernels.triton.decode_attention import decode_attention, num_splits
 from nucleus.kernels.triton.kv_store import store_kv
+from nucleus.kernels.triton.prefill_attention import prefill_attention
 
 
 @dataclass
@@ -88,6 +90,12 @@ class TritonBackend(TorchBackend):
                 out, splits=meta.splits,
             )  # fmt: skip
         return super().forward(q, k_cache, v_cache, meta)
+
+    def prefill(self, q, k_cache, v_cache, meta: TritonMetadata, out: torch.Tensor) -> None:
+        max_q_len = max(q_len for _, q_len, _ in meta.prefills)
+        prefill_attention(
+            q, k_cache, v_cache, meta.prefill_chunks, meta.prefill_blocks, out, max_q_len=max_q_len
+        )
 
     def decode(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
         out = q.new_empty(q.shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,17 @@ def is_plain_greedy(params: SamplingParams) -> bool:
     )
 
 
+@dataclass
+class DoneStep:
+    """A step the CPU path has already computed (`ModelRunner.launch`'s `StepHandle`)."""
+
+    rows: list[int]  # the batch rows that sampled
+    done: StepResult
+
+    def result(self) -> StepResult:
+        return self.done
+
+
 class CpuRunner:
     """Runs scheduled batches on a `CpuModel` (the engine's `ModelRunner` for the CPU path).
 
@@ -100,6 +112,9 @@ class CpuRunner:
             block_size=block_size,
         )
         self._full_runner: Any = None
+        self.device = "cpu"
+        self.workers = None  # no tensor parallelism on this path
+        self.can_feed_tokens_on_device = False  # each step's tokens come back before the next
 
     @property
     def num_kv_blocks(self) -> int:
@@ -108,59 +123,79 @@ class CpuRunner:
     def forward(self, seqs: list[Sequence], starts: list[int], num_tokens: list[int]) -> np.ndarray:
         """Final normed hidden states `(T, dim)` of tokens `token_ids[start : start + n]` of each
         sequence, in order, their K/V written through each sequence's block table."""
+        ids = [
+            t
+            for s, a, n in zip(seqs, starts, num_tokens, strict=True)
+            for t in s.token_ids[a : a + n]
+        ]
+        return self.hidden(ids, starts, num_tokens, [s.block_table for s in seqs])
+
+    def hidden(
+        self,
+        token_ids: list[int],
+        starts: list[int],
+        num_tokens: list[int],
+        block_tables: list[list[int]],
+    ) -> np.ndarray:
+        """`forward` for a flat batch: row `i` computes `num_tokens[i]` of `token_ids` from
+        position `starts[i]` through `block_tables[i]`."""
         bs = self.block_size
-        ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for seq, start, n in zip(seqs, starts, num_tokens, strict=True):
-            ids += seq.token_ids[start : start + n]
+        for start, n, table in zip(starts, num_tokens, block_tables, strict=True):
             positions += range(start, start + n)
-            table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
         contexts = [start + n for start, n in zip(starts, num_tokens, strict=True)]
         first_rows = [0, *itertools.accumulate(num_tokens[:-1])]
         # One array for all of them (one conversion, one address): the step's host work at
         # batch 1 is a few tens of microseconds.
-        t, s = len(ids), len(seqs)
+        t, s = len(token_ids), len(starts)
         layout = np.array(
-            ids + positions + slots + first_rows + num_tokens + contexts, dtype=np.int64
+            token_ids + positions + slots + first_rows + list(num_tokens) + contexts,
+            dtype=np.int64,
         )
-        width = max(len(seq.block_table) for seq in seqs)
+        width = max(len(table) for table in block_tables)
         tables = np.array(
-            [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], dtype=np.int64
+            [list(table) + [0] * (width - len(table)) for table in block_tables], dtype=np.int64
         )
         base, b = layout.ctypes.data, self._batch
         b.tokens, b.positions, b.slots = base, base + 8 * t, base + 16 * t
-        b.seq_start, b.seq_len, b.seq_context = (
-            base + 24 * t,
-            base + 24 * t + 8 * s,
-            base + 24 * t + 16 * s,
-        )
+        b.seq_start, b.seq_len = base + 24 * t, base + 24 * t + 8 * s
+        b.seq_context = base + 24 * t + 16 * s
         b.block_tables = tables.ctypes.data
         b.num_tokens, b.num_seqs, b.table_width = t, s, width
         hidden = np.empty((t, self.config.dim), dtype=np.float32)
         return self.model.forward(b, hidden)
 
-    def execute(self, batch: ScheduledBatch, *args: Any) -> StepResult:
-        """Run one step. Extra arguments (those of `ModelRunner.execute`) mean a step for the full
-        sampler, as does any sampled row that is not plain greedy."""
-        rows = [i for i, need in enumerate(batch.needs_sample) if need]
-        if args or not self._plain(batch, rows):
-            return self._full().execute(batch, *args)
+    def launch(self, batch: ScheduledBatch, after: Any = None, masks: Any = None) -> Any:
+        """Run one step (`ModelRunner.launch`'s interface; the CPU computes it at once): a
+        greedy step here, any other, or one with structured-output `masks`, by the full
+        sampler. `after` is never given: `can_feed_tokens_on_device` is False."""
+        rows = batch.sample_indices
+        if masks is not None or not self._plain(batch, rows):
+            return self._full().launch(batch, masks=masks)
         result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
         hidden = self.forward(batch.seqs, batch.starts, batch.num_tokens)
-        if not rows:
-            return result
-        ends = list(itertools.accumulate(batch.num_tokens))
-        logits = self.model.logits(hidden[[ends[i] - 1 for i in rows]])
-        tokens = logits.argmax(axis=-1).tolist()
-        finite = np.isfinite(logits.sum(axis=-1)).tolist()
-        for j, i in enumerate(rows):
-            if finite[j]:
-                result.token_ids[i] = tokens[j]
-            else:
-                result.errors[i] = NONFINITE_ERROR
-        return result
+        if rows:
+            ends = list(itertools.accumulate(batch.num_tokens))
+            logits = self.model.logits(hidden[[ends[i] - 1 for i in rows]])
+            tokens = logits.argmax(axis=-1).tolist()
+            finite = np.isfinite(logits.sum(axis=-1)).tolist()
+            for j, i in enumerate(rows):
+                if finite[j]:
+                    result.token_ids[i] = tokens[j]
+                else:
+                    result.errors[i] = NONFINITE_ERROR
+        return DoneStep(rows, result)
+
+    def execute(self, batch: ScheduledBatch, masks: Any = None) -> StepResult:
+        """Run one step and return its results."""
+        return self.launch(batch, masks=masks).result()
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence ended: drop what the full sampler kept for it (its penalty counts)."""
+        if self._full_runner is not None:
+            self._full_runner.release(seq)
 
     def _plain(self, batch: ScheduledBatch, rows: list[int]) -> bool:
         if any(s.params.prompt_logprobs is not None for s in batch.seqs):

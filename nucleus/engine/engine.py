@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from nucleus.cpu.model import CpuModel
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
-from nucleus.engine.scheduler import Scheduler
+from nucleus.engine.scheduler import ScheduledBatch, Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
@@ -23,21 +23,40 @@ from nucleus.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from nucleus.distributed.workers import WorkerGroup
+    from nucleus.engine.runner import StepHandle
+    from nucleus.engine.structured import StructuredOutputs
     from nucleus.model import Transformer
+
+# torch, the model runner and structured outputs are imported when a torch model or a constrained
+# request needs them: a `CpuModel`'s greedy requests run without torch (`nucleus.cpu.runner`).
+
+# Defaults per device type (docs/scheduling.md says how they were chosen): a GPU step costs about
+# the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
+# sequences and large prefill chunks; a CPU step costs in proportion to its tokens.
+DEVICE_DEFAULTS = {
+    "cuda": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "admit_max_wait": 32},
+    "cpu": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "admit_max_wait": 0},
+}
 
 
 @dataclass
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from free memory
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None  # None: DEVICE_DEFAULTS for the model's device
+    max_num_batched_tokens: int | None = None  # None: likewise
+    # Admission in groups of max_num_seqs // 8 (or after admit_max_wait steps held back) while
+    # sequences decode: None: DEVICE_DEFAULTS (CUDA 32 steps; CPU 0: admit whenever there is room).
+    admit_max_wait: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
     memory_fraction: float | None = None
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     attention_backend: str = "auto"  # or one of nucleus.attention.BACKENDS
+    # Launch the next decode step before the host has this one's tokens (CUDA graphs only).
+    async_scheduling: bool = True
 
 
 @dataclass
@@ -62,10 +81,30 @@ class _Request:
 
 
 class LLMEngine:
+    """`workers`: the other ranks of the model's tensor-parallel group, driven by the runner."""
+
     def __init__(
-        self, model: Transformer | CpuModel, tokenizer: Any, config: EngineConfig | None = None
+        self,
+        model: Transformer | CpuModel,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        *,
+        workers: WorkerGroup | None = None,
     ):
-        self.config = config = config or EngineConfig()
+        config = config or EngineConfig()
+        device_type = (
+            "cpu" if isinstance(model, CpuModel) else model.tok_embeddings.weight.device.type
+        )
+        defaults = DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
+        self.config = config = replace(
+            config,
+            max_num_seqs=config.max_num_seqs or defaults["max_num_seqs"],
+            max_num_batched_tokens=config.max_num_batched_tokens
+            or defaults["max_num_batched_tokens"],
+            admit_max_wait=defaults["admit_max_wait"]
+            if config.admit_max_wait is None
+            else config.admit_max_wait,
+        )
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
@@ -75,7 +114,7 @@ class LLMEngine:
         if isinstance(model, CpuModel):
             num_blocks, self.runner = self._cpu_runner(model)
         else:
-            num_blocks, self.runner = self._torch_runner(model)
+            num_blocks, self.runner = self._torch_runner(model, workers)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -85,16 +124,20 @@ class LLMEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
             stop_token_ids=self.stop_token_ids,
+            admit_group=config.max_num_seqs // 8 if config.admit_max_wait else 1,
+            admit_max_wait=config.admit_max_wait,
         )
         self._special_ids = (
             frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
             | self.stop_token_ids
         )
+        self._structured: StructuredOutputs | None = None  # made by the first constrained request
         self.requests: dict[str, _Request] = {}
+        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
-    def _torch_runner(self, model: Transformer) -> tuple[int, Any]:
+    def _torch_runner(self, model: Transformer, workers: WorkerGroup | None) -> tuple[int, Any]:
         from nucleus.engine.runner import ModelRunner, auto_num_blocks
 
         config = self.config
@@ -119,6 +162,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             attention_backend=config.attention_backend,
+            workers=workers,
         )
         return num_blocks, runner
 
@@ -143,6 +187,15 @@ class LLMEngine:
             stop_token_ids=self.stop_token_ids,
         )
         return num_blocks, runner
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        """Structured outputs' state (llguidance and torch are imported with it)."""
+        if self._structured is None:
+            from nucleus.engine.structured import StructuredOutputs
+
+            self._structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size)
+        return self._structured
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
@@ -173,10 +226,15 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
                 "and one is needed for the output"
             )
+        grammars = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.structured.matchers(params.structured_outputs, params.n)
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
             Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)
         ]
+        for seq, grammar in zip(seqs, grammars, strict=True):
+            seq.grammar = grammar
         skip = self._special_ids if params.skip_special_tokens else self.stop_token_ids
         detoks = [
             IncrementalDetokenizer(self.tokenizer, stop=params.stop_strings, skip_token_ids=skip)
@@ -212,6 +270,7 @@ class LLMEngine:
         """After a step raised: end the requests with a running sequence (all unfinished ones with
         `waiting_too`, or when none was running) with finish_reason "error" and `message`; their
         blocks go back. Returns their final outputs. Waiting requests otherwise stay queued."""
+        self._ahead = None  # a step launched ahead holds only running sequences: ended below
         running = {s.request_id for s in self.scheduler.running}
         if waiting_too or not running:
             running |= {s.request_id for s in self.scheduler.waiting}
@@ -230,7 +289,7 @@ class LLMEngine:
             req.pending = False
             out = self._output(req)
             req.reported_finished = True
-            del self.requests[rid]
+            self._forget(req)
             outputs.append(out)
         return outputs
 
@@ -239,12 +298,26 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of the requests that changed."""
-        batch = self.scheduler.schedule()
-        if not batch.is_empty:
+        """Run one scheduler step; returns the outputs of the requests that changed.
+
+        With `async_scheduling`, while a decode step runs on the device the next one is already
+        scheduled and launched (`Scheduler.schedule_ahead`), its input tokens read on the device:
+        the device never waits for the host's bookkeeping. The next call processes it.
+        """
+        if self._ahead is not None:
+            batch, handle = self._ahead
+            self._ahead = None
+        else:
+            batch = self.scheduler.schedule()
+            handle = None if batch.is_empty else self._launch(batch)
+        if handle is not None and self.config.async_scheduling:
+            self._launch_ahead(batch, handle)
+        if handle is not None:
             now = time.monotonic()
-            result = self.runner.execute(batch)
+            result = handle.result()
             for i, seq in enumerate(batch.seqs):
+                if seq.is_finished:
+                    continue  # ended after this step was launched ahead: its row is void
                 req = self.requests[seq.request_id]
                 if req.metrics.first_scheduled_time is None:
                     req.metrics.first_scheduled_time = now
@@ -267,8 +340,31 @@ class LLMEngine:
             outputs.append(self._output(req))
             if finished:
                 req.reported_finished = True
-                del self.requests[req.request_id]
+                self._forget(req)
         return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Launch a step, its constrained rows' masks computed meanwhile in the worker thread."""
+        grammars = [batch.seqs[i].grammar for i in batch.sample_indices]
+        masks = None
+        if any(g is not None for g in grammars):
+            masks = self.structured.begin(grammars, self.runner.device)
+        try:
+            return self.runner.launch(batch, masks=masks)
+        finally:
+            if masks is not None:
+                masks.finish()  # the matchers are the engine's again
+
+    def _launch_ahead(self, batch: ScheduledBatch, handle: StepHandle) -> None:
+        if not self.runner.can_feed_tokens_on_device or not handle.rows:
+            return
+        if len(handle.rows) != len(batch) or any(n != 1 for n in batch.num_tokens):
+            return  # not a decode step
+        if any(seq.grammar is not None for seq in batch.seqs):
+            return  # a constrained row's next mask needs the token this step samples
+        ahead = self.scheduler.schedule_ahead(batch)
+        if ahead is not None:
+            self._ahead = (ahead, self.runner.launch(ahead, after=handle))
 
     def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
         req = self.requests[seq.request_id]
@@ -280,15 +376,31 @@ class LLMEngine:
         i, token = seq.index, seq.last_token_id
         detok = req.detoks[i]
         ended_by_token = seq.status is SequenceStatus.FINISHED_STOPPED
-        if not ended_by_token and req.text_per_token:
+        grammar_complete = False
+        if seq.grammar is not None and not seq.is_finished:
+            error = self.structured.accept(seq.grammar, token)
+            if error is not None:
+                seq.error = error
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            grammar_complete = seq.grammar.is_stopped()  # nothing may follow this token
+        failed = seq.status is SequenceStatus.FINISHED_ERROR
+        if not ended_by_token and not failed and req.text_per_token:
             check = seq.num_output_tokens >= seq.params.min_tokens
             req.texts[i] += detok.add([token], check_stop=check)
             if detok.stopped and not seq.is_finished:
                 seq.stop_reason = detok.stop_reason
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if grammar_complete and not seq.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if seq.is_finished:
             self._end_text(req, seq)
         req.pending = True
+
+    def _forget(self, req: _Request) -> None:
+        """A request reported finished: nothing of it stays in the engine or the runner."""
+        del self.requests[req.request_id]
+        for seq in req.seqs:
+            self.runner.release(seq)
 
     def _end_text(self, req: _Request, seq: Sequence) -> None:
         """A sequence ended: its text gets what its detokenizer holds back, and, where the text
@@ -331,6 +443,11 @@ class LLMEngine:
             metrics=req.metrics,
             num_cached_tokens=first.num_cached_tokens,
         )
+
+    def shutdown(self) -> None:
+        """End the worker processes of a tensor-parallel model (nothing to do otherwise)."""
+        if self.runner.workers is not None:
+            self.runner.workers.close()
 
     # ---- convenience ------------------------------------------------------------------------
     def generate(

@@ -49,16 +49,24 @@ class DecodeStep:
         self.max_blocks_per_seq = max_blocks_per_seq
         device = backend.kv.device
         n = max_num_seqs
-        # Layout: [table width | tokens | positions | slots | contexts | block tables (n rows)].
-        self._size = 1 + 4 * n + n * max_blocks_per_seq
+        # Layout: [table width | tokens | positions | slots | contexts | source rows |
+        # block tables (n rows)]; source rows: where each row's token is in a device tensor.
+        self._size = 1 + 5 * n + n * max_blocks_per_seq
         self._device_buf = torch.zeros(self._size, dtype=torch.int32, device=device)
+        # Two host staging buffers, used in turn: a step may be filled while the copy of the step
+        # before (launched ahead, see `LLMEngine.step`) has not left its buffer yet.
         pin = device.type == "cuda"
-        self._host_buf = torch.zeros(self._size, dtype=torch.int32, pin_memory=pin)
+        self._staging = [torch.zeros(self._size, dtype=torch.int32, pin_memory=pin) for _ in "ab"]
+        self._copied = [torch.cuda.Event() if pin else None for _ in "ab"]
+        self._turn = 0
+        self._host_buf = self._staging[0]
         self._host = self._host_buf.numpy()
         d = self._device_buf
         self.width = d[:1]
-        self.tokens, self.positions, self.slots, self.contexts = d[1 : 1 + 4 * n].view(4, n)
-        self.tables = d[1 + 4 * n :]
+        self.tokens, self.positions, self.slots, self.contexts, self.source_rows = d[
+            1 : 1 + 5 * n
+        ].view(5, n)
+        self.tables = d[1 + 5 * n :]
         self.buckets = graph_buckets(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -70,6 +78,14 @@ class DecodeStep:
         n, h = self.max_num_seqs, self._host
         for offset, value in ((1, 0), (1 + n, 0), (1 + 2 * n, -1), (1 + 3 * n, 0)):
             h[offset + first : offset + n] = value
+
+    def _next_staging(self) -> None:
+        """Switch to the other staging buffer, once its last copy to the device is done."""
+        self._turn = 1 - self._turn
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()
+        self._host_buf = self._staging[self._turn]
+        self._host = self._host_buf.numpy()
 
     def bucket(self, batch_size: int) -> int:
         return next(b for b in self.buckets if b >= batch_size)
@@ -104,20 +120,29 @@ class DecodeStep:
     @torch.inference_mode()
     def __call__(
         self,
-        token_ids: list[int],
         positions: list[int],
         block_tables: list[list[int]],
         block_size: int,
+        *,
+        token_ids: list[int] | None = None,
+        token_source: tuple[torch.Tensor, list[int]] | None = None,
     ) -> torch.Tensor:
-        """Logits `(B, V)` float32 of one decode step: row `i` feeds `token_ids[i]` at
-        `positions[i]` (its context is `positions[i] + 1` tokens) through `block_tables[i]`."""
-        batch = len(token_ids)
+        """Logits `(B, V)` float32 of one decode step: row `i` feeds its token at `positions[i]`
+        (its context is `positions[i] + 1` tokens) through `block_tables[i]`. The tokens are
+        `token_ids`, or `token_source = (device tensor, index of each row's token in it)`: tokens
+        sampled by the step before, not yet seen by the host."""
+        batch = len(positions)
         size = self.bucket(batch)
+        self._next_staging()
         n, h = self.max_num_seqs, self._host
         pos = np.asarray(positions, dtype=np.int64)
         width = max(map(len, block_tables))
         h[0] = width
-        h[1 : 1 + batch] = token_ids
+        if token_ids is not None:
+            h[1 : 1 + batch] = token_ids
+        else:
+            h[1 : 1 + batch] = 0
+            h[1 + 4 * n : 1 + 4 * n + batch] = token_source[1]
         h[1 + n : 1 + n + batch] = pos
         rows = np.fromiter(
             (table[p // block_size] for table, p in zip(block_tables, positions, strict=True)),
@@ -127,11 +152,15 @@ class DecodeStep:
         h[1 + 2 * n : 1 + 2 * n + batch] = rows * block_size + pos % block_size
         h[1 + 3 * n : 1 + 3 * n + batch] = pos + 1
         self._set_pad_rows(batch)
-        tables = h[1 + 4 * n : 1 + 4 * n + batch * width].reshape(batch, width)
+        tables = h[1 + 5 * n : 1 + 5 * n + batch * width].reshape(batch, width)
         for i, table in enumerate(block_tables):
             tables[i, : len(table)] = table
-        used = 1 + 4 * n + batch * width
+        used = 1 + 5 * n + batch * width
         self._device_buf[:used].copy_(self._host_buf[:used], non_blocking=True)
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].record()
+        if token_source is not None:
+            self.tokens[:batch].copy_(token_source[0].index_select(0, self.source_rows[:batch]))
         if size in self.graphs:
             self.graphs[size].replay()
             return self.logits[size][:batch]

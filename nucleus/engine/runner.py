@@ -3,24 +3,123 @@
 The only part of the engine that touches tensors. When it is built it allocates the KV cache,
 chooses the attention backend and the model's kernels (once: `select_backend`,
 `Transformer.bind_kernels`) and, on CUDA, captures the decode graphs (`graphs.DecodeStep`). Each
-step it lays the scheduled sequences out as one flat batch (input ids, positions, and the
-backend's metadata: slot mapping, block tables, context lengths), runs the model, computes logits
-only for the rows that are sampled (and the prompt rows whose logprobs are asked), and calls the
-`Sampler`. Decode-only steps on a backend that supports graphs go through `DecodeStep`'s static
-buffers instead. One host transfer per step brings the results back.
+step it plans the model's work (`ModelStep`: the scheduled sequences as one flat batch, and the
+rows that get logits: those sampled, and the prompt rows whose logprobs are asked), runs it (the
+model over the flat batch with the backend's metadata: slot mapping, block tables, context
+lengths; or, for decode-only steps on a backend that supports graphs, `DecodeStep`'s static
+buffers), and calls the `Sampler`. One host transfer per step brings the results back.
+
+Under tensor parallelism the runner of the engine's process drives the group: it sends each
+`ModelStep` to the workers (`nucleus.distributed.workers`), whose own runners run it in lockstep,
+each on its shard of the model and its KV heads; sampling happens here only (a step launched
+ahead gets the tokens it reads on the device by a broadcast from this rank).
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from nucleus.attention import KVCache, select_backend
 from nucleus.engine import kv_budget
 from nucleus.engine.graphs import DecodeStep
+from nucleus.engine.penalties import PenaltyCounts, has_penalties
 from nucleus.engine.scheduler import ScheduledBatch, StepResult
 from nucleus.engine.sequence import Sequence
+from nucleus.engine.structured import PendingMasks
 from nucleus.model import Transformer
 from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
+
+if TYPE_CHECKING:
+    from nucleus.distributed.workers import WorkerGroup
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t`, queued without waiting (into pinned memory from a GPU)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its results are on their way to the host (`result()` waits for them).
+
+    `tokens` are the sampled tokens on the device, one per sampling row, in the order of
+    `sampled_seqs`: the next decode step may read them there before they reach the host.
+    """
+
+    batch_size: int
+    rows: list[int]  # the batch rows that sample
+    sampled_seqs: list[Sequence]
+    num_logprobs: list[int]  # per sampling row: N top alternatives wanted, -1 for none
+    tokens: torch.Tensor | None = None
+    host: list[torch.Tensor] = field(default_factory=list)
+    event: torch.cuda.Event | None = None
+    blocked: set[int] = field(default_factory=set)  # sampling rows whose constraint allows nothing
+    workers: WorkerGroup | None = None  # the wait is on every rank of a tensor-parallel group
+
+    def result(self) -> StepResult:
+        n = self.batch_size
+        result = StepResult([None] * n, [None] * n, [None] * n)
+        if not self.rows:
+            return result
+        if self.event is not None:
+            with self.workers.lockstep() if self.workers else contextlib.nullcontext():
+                self.event.synchronize()
+        tokens, nonfinite = self.host[0].tolist()
+        lps = [t.tolist() for t in self.host[1:]]
+        for j, i in enumerate(self.rows):
+            if nonfinite[j]:
+                result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
+                continue
+            if j in self.blocked:
+                result.errors[i] = "the output constraint allows no token here"
+                continue
+            result.token_ids[i] = tokens[j]
+            n_top = self.num_logprobs[j]
+            if n_top >= 0:
+                entry = {tokens[j]: lps[0][j]}
+                if n_top > 0:
+                    for t, lp in zip(lps[1][j][:n_top], lps[2][j][:n_top], strict=True):
+                        entry.setdefault(t, lp)
+                result.logprobs[i] = entry
+        return result
+
+
+@dataclass
+class ModelStep:
+    """A step's work for the model, the same on every rank of a tensor-parallel group (plain
+    lists: the engine's process sends it to the workers). Row `i` computes `num_tokens[i]` tokens
+    (`token_ids`, flat) from position `starts[i]` through `block_tables[i]`; the hidden states of
+    flat rows `logit_rows` get logits. `decode`: one token per row, every row sampled, run on
+    `DecodeStep`'s buffers (and graphs); with `source_rows`, row `i`'s token is entry
+    `source_rows[i]` of the `num_source` tokens the step before sampled, read on the device."""
+
+    token_ids: list[int]
+    starts: list[int]
+    num_tokens: list[int]
+    block_tables: list[list[int]]
+    logit_rows: list[int]
+    decode: bool = False
+    source_rows: list[int] | None = None
+    num_source: int = 0
+
+
+@dataclass
+class _PromptRows:
+    """Prompt positions `first + 1 .. last` of `seq` get logprobs from the hidden states of its
+    positions `first .. last - 1`, which are flat rows `row ..` of the step."""
+
+    seq: Sequence
+    first: int
+    last: int
+    row: int
 
 
 def auto_num_blocks(
@@ -34,15 +133,18 @@ def auto_num_blocks(
     memory_fraction: float | None = None,
 ) -> int:
     """How many KV blocks to allocate (`nucleus.engine.kv_budget.num_kv_blocks`): CUDA counts
-    what is free after the weights; the CPU counts available RAM, with a cap."""
+    what is free after the weights; the CPU counts available RAM, with a cap, shared by the ranks
+    of a tensor-parallel group. Every rank of a group holds as many blocks, of its KV heads."""
+    world = model.tp.world_size
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         fraction, cap = memory_fraction or kv_budget.CUDA_FRACTION, None
     else:
-        free = kv_budget.available_ram_bytes()
-        fraction, cap = memory_fraction or kv_budget.CPU_FRACTION, kv_budget.CPU_CAP_BYTES
+        free = kv_budget.available_ram_bytes() // world
+        fraction = memory_fraction or kv_budget.CPU_FRACTION
+        cap = kv_budget.CPU_CAP_BYTES // world
     return kv_budget.num_kv_blocks(
-        bytes_per_block=KVCache.bytes_per_block(model.config, block_size, dtype),
+        bytes_per_block=KVCache.bytes_per_block(model.config, block_size, dtype, world),
         block_size=block_size,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
@@ -67,6 +169,8 @@ class ModelRunner:
         max_model_len: the longest context a step may have.
         max_num_seqs: the most sequences in one step (the largest decode graph).
         enforce_eager: never capture or replay CUDA graphs.
+        workers: the other ranks of the model's tensor-parallel group (this runner drives them:
+            they build their runners with the same arguments and run every step with it).
     """
 
     def __init__(
@@ -81,28 +185,44 @@ class ModelRunner:
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         enforce_eager: bool = False,
+        workers: WorkerGroup | None = None,
     ) -> None:
+        self.workers = workers
         self.model = model
         self.config = model.config
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.dtype = kv_dtype or weight.dtype
         self.block_size = block_size
-        max_model_len = max_model_len or num_kv_blocks * block_size
-        model.bind_kernels()
-        kv = KVCache.allocate(self.config, num_kv_blocks, block_size, self.dtype, self.device)
-        self.attention = select_backend(kv, attention_backend, max_context=max_model_len)
         self.sampler = Sampler()
+        self.penalties: PenaltyCounts | None = None
         self.stop_token_ids = frozenset(stop_token_ids)
-        self.decode_step = None
-        if self.attention.supports_cuda_graphs:
-            self.decode_step = DecodeStep(
-                model,
-                self.attention,
+        max_model_len = max_model_len or num_kv_blocks * block_size
+        if workers is not None:  # their runners allocate and capture in lockstep with this one
+            workers.start_runners(
+                num_kv_blocks=num_kv_blocks,
+                block_size=block_size,
+                kv_dtype=kv_dtype,
+                attention_backend=attention_backend,
+                max_model_len=max_model_len,
                 max_num_seqs=max_num_seqs,
-                max_blocks_per_seq=-(-max_model_len // block_size),
-                use_graphs=not enforce_eager and self.device.type == "cuda",
+                enforce_eager=enforce_eager,
             )
+        with workers.lockstep() if workers else contextlib.nullcontext():
+            model.bind_kernels()
+            kv = KVCache.allocate(
+                self.config, num_kv_blocks, block_size, self.dtype, self.device, model.tp.world_size
+            )
+            self.attention = select_backend(kv, attention_backend, max_context=max_model_len)
+            self.decode_step = None
+            if self.attention.supports_cuda_graphs:
+                self.decode_step = DecodeStep(
+                    model,
+                    self.attention,
+                    max_num_seqs=max_num_seqs,
+                    max_blocks_per_seq=-(-max_model_len // block_size),
+                    use_graphs=not enforce_eager and self.device.type == "cuda",
+                )
 
     @property
     def kv(self) -> KVCache:
@@ -115,10 +235,29 @@ class ModelRunner:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
         return seq.generator
 
-    def _banned(self, seq: Sequence) -> list[int]:
-        """Stop tokens a sequence may not produce yet (while under `min_tokens`)."""
+    def _penalty_counts(self, seqs: list[Sequence], penalized: list[int], vocab: int):
+        """`(rows, output counts (B, V), prompt masks (B, V), batch index of the rows)` for the
+        sampling rows, zeros where a row has no penalty (`nucleus.engine.penalties`)."""
+        if self.penalties is None:
+            self.penalties = PenaltyCounts(vocab, self.device)
+        rows, counts, masks = self.penalties.gather([seqs[j] for j in penalized])
+        if len(penalized) == len(seqs):
+            return rows, counts, masks, None
+        index = torch.tensor(penalized, dtype=torch.long).to(self.device, non_blocking=True)
+        full_counts = counts.new_zeros(len(seqs), vocab).index_copy_(0, index, counts)
+        full_masks = masks.new_zeros(len(seqs), vocab).index_copy_(0, index, masks)
+        return rows, full_counts, full_masks, index
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence ended: drop what the runner kept for it (its penalty counts)."""
+        if self.penalties is not None:
+            self.penalties.release(seq)
+
+    def _banned(self, seq: Sequence, pending: int = 0) -> list[int]:
+        """Stop tokens a sequence may not produce yet (while under `min_tokens`); `pending`:
+        its tokens sampled but not yet on the host."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        if seq.num_output_tokens + pending >= p.min_tokens:
             return []
         return [*(() if p.ignore_eos else self.stop_token_ids), *(p.stop_token_ids or ())]
 
@@ -128,110 +267,193 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Hidden states `(T, dim)` of tokens `token_ids[start : start + n]` of each sequence, in
         order, their K/V written through each sequence's block table."""
-        ids: list[int] = []
-        positions: list[int] = []
-        context_lens: list[int] = []
-        for seq, start, n in zip(seqs, starts, num_tokens, strict=True):
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            context_lens.append(start + n)
-        meta = self.attention.build_metadata(
-            num_tokens, context_lens, [s.block_table for s in seqs]
-        )
+        ids = _flat_ids(seqs, starts, num_tokens)
+        return self._forward(ids, starts, num_tokens, [s.block_table for s in seqs])
+
+    def _forward(
+        self,
+        token_ids: list[int],
+        starts: list[int],
+        num_tokens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        positions = [p for start, n in zip(starts, num_tokens, strict=True)
+                     for p in range(start, start + n)]  # fmt: skip
+        context_lens = [start + n for start, n in zip(starts, num_tokens, strict=True)]
+        meta = self.attention.build_metadata(num_tokens, context_lens, block_tables)
         return self.model.forward(
-            torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
+            torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True),
             torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
             self.attention,
             meta,
         )
 
-    def _logits(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
-        """Float32 logits `(len(rows), V)` of the last token of each row in `rows` (possibly
-        none: a step of prefill chunks that sample nothing still runs the model): from the
-        decode step's static buffers (and graphs) when the batch is decodes only, else from an
-        eager pass over the flat batch."""
+    def plan(
+        self, batch: ScheduledBatch, rows: list[int], after: StepHandle | None = None
+    ) -> tuple[ModelStep, list[_PromptRows]]:
+        """The model's work for a batch whose rows `rows` are sampled: a decode step on the
+        static buffers when the batch is decodes only (and the backend has them), else a flat
+        batch whose logit rows are the prompt rows that want logprobs, then each sampled row's
+        last token. With `after` (a decode step launched just before), each row's input token is
+        the one `after` sampled for its sequence, read on the device (its host copy may not have
+        arrived)."""
+        seqs, tables = batch.seqs, [s.block_table for s in batch.seqs]
         if self.decode_step is not None and _all_decode(batch):
-            seqs = batch.seqs
-            return self.decode_step(
-                [s.token_ids[start] for s, start in zip(seqs, batch.starts, strict=True)],
-                batch.starts,
-                [s.block_table for s in seqs],
-                self.block_size,
-            )
-        hidden = self.forward(batch.seqs, batch.starts, batch.num_tokens)
-        self._prompt_logprobs(batch, hidden)
-        ends = _cumsum(batch.num_tokens)[1:]
-        last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[last])
+            step = ModelStep([], batch.starts, batch.num_tokens, tables, rows, decode=True)
+            if after is None:
+                step.token_ids = [s.token_ids[p] for s, p in zip(seqs, batch.starts, strict=True)]
+            else:
+                row_of = {seq.seq_id: j for j, seq in enumerate(after.sampled_seqs)}
+                step.source_rows = [row_of[s.seq_id] for s in seqs]
+                step.num_source = len(after.sampled_seqs)
+            return step, []
+        if after is not None:
+            raise ValueError("only decode steps on static buffers take tokens from the device")
+        ids = _flat_ids(seqs, batch.starts, batch.num_tokens)
+        offsets = _cumsum(batch.num_tokens)
+        prompt = self._prompt_rows(batch, offsets)
+        logit_rows = [r for p in prompt for r in range(p.row, p.row + p.last - p.first)]
+        logit_rows += [offsets[i + 1] - 1 for i in rows]
+        return ModelStep(ids, batch.starts, batch.num_tokens, tables, logit_rows), prompt
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        dev = self.device
-        rows = [i for i, need in enumerate(batch.needs_sample) if need]
-        result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
-        logits = self._logits(batch, rows)
-        if not rows:
-            return result
+    def run(self, step: ModelStep, sampled: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Float32 logits `(len(step.logit_rows), V)` of a step (None when no row wants them:
+        a step of prefill chunks that sample nothing still runs the model). `sampled`: the
+        tokens the step before sampled, on this device, for a step that reads its tokens there
+        (on the engine's rank; the other ranks of a group receive them from it)."""
+        if not step.decode:
+            hidden = self._forward(step.token_ids, step.starts, step.num_tokens, step.block_tables)
+            if not step.logit_rows:
+                return None
+            rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.device)
+            return self.model.compute_logits(hidden[rows])
+        if step.source_rows is None:
+            return self.decode_step(
+                step.starts, step.block_tables, self.block_size, token_ids=step.token_ids
+            )
+        if sampled is None:
+            sampled = torch.empty(step.num_source, dtype=torch.long, device=self.device)
+        sampled = self.model.tp.broadcast(sampled)
+        return self.decode_step(
+            step.starts,
+            step.block_tables,
+            self.block_size,
+            token_source=(sampled, step.source_rows),
+        )
+
+    @property
+    def can_feed_tokens_on_device(self) -> bool:
+        """Whether `launch(..., after=...)` works: decode steps run on static buffers."""
+        return self.decode_step is not None
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        after: StepHandle | None = None,
+        masks: PendingMasks | None = None,
+    ) -> StepHandle:
+        """Queue the step on the device and the copy of its results to the host, without waiting
+        for either: `StepHandle.result()` waits. `after`: a decode step launched just before,
+        whose sampled tokens feed this one (see `plan`). `masks`: the structured-output masks of
+        the constrained rows among the sampled ones (`StructuredOutputs.begin`), awaited only once
+        the logits are queued. Under tensor parallelism every rank runs the model's part; a
+        failure on any rank ends the group."""
+        rows = batch.sample_indices
+        step, prompt = self.plan(batch, rows, after)
+        if self.workers is not None:
+            self.workers.send(step)
+        with self.workers.lockstep() if self.workers else contextlib.nullcontext():
+            logits = self.run(step, after.tokens if after is not None else None)
+            n_prompt = len(step.logit_rows) - len(rows)
+            if prompt:
+                self._record_prompt_logprobs(prompt, logits[:n_prompt])
+            if not rows:
+                return StepHandle(len(batch), [], [], [])
+            return self._sample(batch, rows, logits[n_prompt:], after, masks)
+
+    def _sample(
+        self,
+        batch: ScheduledBatch,
+        rows: list[int],
+        logits: torch.Tensor,
+        after: StepHandle | None,
+        masks: PendingMasks | None,
+    ) -> StepHandle:
+        """Sample the `rows` of the batch from their `logits`, queue the copy to the host."""
         seqs = [batch.seqs[i] for i in rows]
         params = [s.params for s in seqs]
-        penalties = any(
-            p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params
-        )
+        penalized = [j for j, p in enumerate(params) if has_penalties(p)]
+        counts = self._penalty_counts(seqs, penalized, logits.shape[-1]) if penalized else None
+        pending = 1 if after is not None else 0  # a step ahead: one token not yet on the host
         st = SamplingTensors.build(
             params,
             vocab_size=logits.shape[-1],
-            device=dev,
+            device=self.device,
             generators=[self._generator(s) for s in seqs],
-            prompt_ids=[s.prompt_token_ids for s in seqs] if penalties else None,
-            output_ids=[s.output_token_ids for s in seqs] if penalties else None,
-            banned_ids=[self._banned(s) for s in seqs],
+            banned_ids=[self._banned(s, pending) for s in seqs],
+            token_counts=counts[1:3] if counts else None,
+            allowed=masks.wait(self.device) if masks is not None else None,
         )
         out = self.sampler(logits, st)
+        if counts is not None:  # the new tokens join their sequences' counts, on the device
+            picked = out.token_ids if len(penalized) == len(seqs) else out.token_ids[counts[3]]
+            self.penalties.add(counts[0], picked)
         # The step's one device-to-host copy: tokens and the non-finite flags together, then the
-        # logprobs only when asked.
-        tokens, nonfinite = torch.stack([out.token_ids, out.nonfinite.long()]).tolist()
-        host = []
+        # logprobs only when asked; queued now, waited for in `result()`.
+        device = [torch.stack([out.token_ids, out.nonfinite.long()])]
         if out.logprobs is not None:
-            host = [out.logprobs.tolist()]
+            device.append(out.logprobs)
             if out.top_ids is not None:
-                host += [out.top_ids.tolist(), out.top_logprobs.tolist()]
-        for j, i in enumerate(rows):
-            if nonfinite[j]:
-                result.errors[i] = "the model's logits for this sequence are not finite (NaN/inf)"
-                continue
-            result.token_ids[i] = tokens[j]
-            n_top = st.num_logprobs[j]
-            if n_top >= 0:
-                entry = {tokens[j]: host[0][j]}
-                if n_top > 0:
-                    for t, lp in zip(host[1][j][:n_top], host[2][j][:n_top], strict=True):
-                        entry.setdefault(t, lp)
-                result.logprobs[i] = entry
-        return result
+                device += [out.top_ids, out.top_logprobs]
+        host = [_to_host(t) for t in device]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        blocked = masks.blocked if masks is not None else set()
+        return StepHandle(
+            len(batch), rows, seqs, st.num_logprobs, out.token_ids, host, event, blocked,
+            self.workers,
+        )  # fmt: skip
 
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
-        """Fill `seq.prompt_logprobs` (first entry None) for the prompt positions of this chunk."""
-        offset = 0
-        for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens, strict=True):
-            want = seq.params.prompt_logprobs
-            lo, hi = offset, offset + n
-            offset = hi
-            if want is None or len(seq.prompt_logprobs) >= seq.num_prompt_tokens:
+    def execute(self, batch: ScheduledBatch, masks: PendingMasks | None = None) -> StepResult:
+        """Run one step and wait for its results."""
+        return self.launch(batch, masks=masks).result()
+
+    def _prompt_rows(self, batch: ScheduledBatch, offsets: list[int]) -> list[_PromptRows]:
+        """The prompt positions of this step whose logprobs are asked and not yet recorded."""
+        out = []
+        rows = zip(batch.seqs, batch.starts, batch.num_tokens, offsets[:-1], strict=True)
+        for seq, start, n, lo in rows:
+            if seq.params.prompt_logprobs is None:
+                continue
+            if len(seq.prompt_logprobs) >= seq.num_prompt_tokens:
                 continue
             if not seq.prompt_logprobs:
-                seq.prompt_logprobs.append(None)
+                seq.prompt_logprobs.append(None)  # the first prompt token has no prediction
             # Hidden state at position p predicts token p + 1; record p + 1 not yet recorded.
             first = len(seq.prompt_logprobs) - 1
             last = min(start + n, seq.num_prompt_tokens - 1)
             if last <= first or first < start:
                 continue
-            h = hidden[lo + first - start : lo + last - start]
-            targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=h.device)
-            chosen, top_ids, top_lps = compute_logprobs(self.model.compute_logits(h), targets, want)
+            out.append(_PromptRows(seq, first, last, lo + first - start))
+        return out
+
+    def _record_prompt_logprobs(self, prompt: list[_PromptRows], logits: torch.Tensor) -> None:
+        """Append to each `seq.prompt_logprobs` the entries of its rows' logits."""
+        offset = 0
+        for p in prompt:
+            seq, n = p.seq, p.last - p.first
+            targets = torch.tensor(seq.token_ids[p.first + 1 : p.last + 1], device=logits.device)
+            want = seq.params.prompt_logprobs
+            chosen, top_ids, top_lps = compute_logprobs(logits[offset : offset + n], targets, want)
+            offset += n
             chosen = chosen.tolist()
             top_ids = top_ids.tolist() if top_ids is not None else None
             top_lps = top_lps.tolist() if top_lps is not None else None
-            for k, t in enumerate(seq.token_ids[first + 1 : last + 1]):
+            for k, t in enumerate(seq.token_ids[p.first + 1 : p.last + 1]):
                 entry = {t: chosen[k]}
                 if top_ids is not None:
                     for tid, lp in zip(top_ids[k], top_lps[k], strict=True):
@@ -240,12 +462,21 @@ class ModelRunner:
 
 
 def _all_decode(batch: ScheduledBatch) -> bool:
-    """Every row computes one token and samples it, and none wants prompt logprobs."""
+    """Every row computes one token and samples it, and no row still owes prompt logprobs (a
+    one-token prompt's first step)."""
     return (
         all(n == 1 for n in batch.num_tokens)
         and all(batch.needs_sample)
-        and all(s.params.prompt_logprobs is None for s in batch.seqs)
+        and all(s.params.prompt_logprobs is None or s.prompt_logprobs for s in batch.seqs)
     )
+
+
+def _flat_ids(seqs: list[Sequence], starts: list[int], num_tokens: list[int]) -> list[int]:
+    """Tokens `token_ids[start : start + n]` of each sequence, one after another."""
+    ids: list[int] = []
+    for seq, start, n in zip(seqs, starts, num_tokens, strict=True):
+        ids.extend(seq.token_ids[start : start + n])
+    return ids
 
 
 def _cumsum(values: list[int]) -> list[int]:

@@ -48,6 +48,11 @@ class ScheduledBatch:
         return not self.seqs
 
     @property
+    def sample_indices(self) -> list[int]:
+        """The rows that sample a token this step, in order (the sampler's rows)."""
+        return [i for i, need in enumerate(self.needs_sample) if need]
+
+    @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
@@ -78,6 +83,8 @@ class Scheduler:
         max_model_len: int = 8192,
         stop_token_ids: Iterable[int] = (),
         chunked_prefill: bool = True,
+        admit_group: int = 1,
+        admit_max_wait: int = 0,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be >= 1")
@@ -100,6 +107,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        # Admission in groups (docs/scheduling.md): while sequences run, waiting ones are admitted
+        # once `admit_group` slots are free (or every waiting one fits), or once admission has
+        # been held back for `admit_max_wait` steps. 1 and 0: whenever there is room.
+        self.admit_group = max(admit_group, 1)
+        self.admit_max_wait = admit_max_wait
+        self._held_steps = 0  # consecutive steps admission was held back
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -148,7 +161,10 @@ class Scheduler:
             budget -= n
 
         # 2. Waiting sequences, first come first served; none while preempting.
-        while self.waiting and budget > 0 and not batch.preempted:
+        admit = self._admission_due()
+        room = self.waiting and len(self.running) < self.max_num_seqs
+        self._held_steps = self._held_steps + 1 if room and not admit else 0
+        while admit and self.waiting and budget > 0 and not batch.preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -166,6 +182,55 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         return batch
+
+    def schedule_ahead(self, inflight: ScheduledBatch) -> ScheduledBatch | None:
+        """The next decode step of `inflight`'s sequences, scheduled while `inflight` (a step of
+        one sampled token per row) still runs, as if each had its token: row `i` computes that
+        token at position `starts[i]`, reading it where the runner left it on the device (and
+        its penalty counts there too).
+
+        Sequences that end by length with this token are left out. None when the next step has
+        to be scheduled from the results instead: a waiting sequence is to be admitted, or blocks
+        run short (preemption is decided then).
+        """
+        if self._admission_due():
+            return None
+        bm = self.block_manager
+        rows: list[Sequence] = []
+        for seq in inflight.seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # ended since it was scheduled (stop, abort, error)
+            p = seq.params
+            after = seq.num_output_tokens + 1  # outputs once the token in flight is in
+            if (p.max_tokens is not None and after >= p.max_tokens) or (
+                seq.num_tokens + 1 >= self.max_model_len
+            ):
+                continue  # the token in flight is its last
+            rows.append(seq)
+        if not rows or len(rows) > self.max_num_batched_tokens:
+            return None
+        # Room for the token in flight and this one (the runner writes both K/Vs).
+        if sum(bm.num_new_blocks(seq, 2) for seq in rows) > bm.num_free_blocks:
+            return None
+        batch = ScheduledBatch()
+        for seq in rows:
+            bm.append_slots(seq, 2)
+            batch.seqs.append(seq)
+            batch.starts.append(seq.num_computed_tokens + 1)
+            batch.num_tokens.append(1)
+            batch.needs_sample.append(True)
+        return batch
+
+    def _admission_due(self) -> bool:
+        """Whether the next step admits waiting sequences (when the pool lets it)."""
+        free = self.max_num_seqs - len(self.running)
+        if not self.waiting or free <= 0:
+            return False
+        return (
+            not self.running
+            or free >= min(self.admit_group, len(self.waiting))
+            or self._held_steps >= self.admit_max_wait
+        )
 
     def _pick_victim(self, scheduled: set[int]) -> Sequence:
         """The newest running sequence not yet scheduled in this step (the caller itself at worst:
@@ -194,9 +259,11 @@ class Scheduler:
         """
         bm = self.block_manager
         got_token = []
-        for seq, n, token in zip(batch.seqs, batch.num_tokens, sampled, strict=True):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
+        for seq, start, n, token in zip(
+            batch.seqs, batch.starts, batch.num_tokens, sampled, strict=True
+        ):
+            if seq.status is not SequenceStatus.RUNNING or start != seq.num_computed_tokens:
+                continue  # ended, or preempted and recomputed since this step was scheduled
             before = seq.num_computed_tokens
             seq.num_computed_tokens = before + n
             bm.cache_blocks(seq, before)

@@ -70,6 +70,9 @@ class Sequence:
         # completions of one seeded request differ but each is reproducible.
         self.seed: int | None = None if params.seed is None else params.seed + index
         self.generator: Any = None  # the runner's torch.Generator for `seed`, made lazily
+        # The structured-output matcher (llguidance), for a constrained request: it has accepted
+        # every output token so far, so it survives preemption as the tokens do.
+        self.grammar: Any = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         # Filled by the runner/engine when requested (never read by the scheduler).

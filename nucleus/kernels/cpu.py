@@ -162,12 +162,14 @@ class BlockInt8Weight:
 
 
 def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
-    """`x (M, K) @ W.T` for a block-int8 `W (N, K)`, float32: `F.linear(x, weight.dequantize())`
-    up to summation order."""
+    """`x (..., K) @ W.T` for a block-int8 `W (N, K)`, float32: `F.linear(x, weight.dequantize())`
+    up to summation order (leading dimensions kept, as `F.linear` keeps them)."""
     lib = library.require()
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
+    if x.dim() != 2:
+        return block_int8_linear(x.reshape(-1, k), weight).view(*x.shape[:-1], n)
     x = x.contiguous()
     y = x.new_empty(x.shape[0], n)
     status = lib.block_int8_linear_f32(

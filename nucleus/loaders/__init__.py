@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from nucleus.chat_template import ChatTemplate
     from nucleus.cpu.model import CpuModel
+    from nucleus.distributed import TensorParallel
     from nucleus.hf_tokenizer import HFTokenizer
     from nucleus.kernels.cpu import BlockInt8Weight
     from nucleus.loaders.gguf_file import GGUFFile
@@ -31,7 +32,13 @@ LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_
 # Tensors some checkpoints carry that the model recomputes (Llama 2-era Meta `rope.freqs`).
 _IGNORED_EXTRAS = {"rope.freqs"}
 
-__all__ = ["CheckpointError", "ModelFiles", "build_transformer", "load_model_files"]
+__all__ = [
+    "CheckpointError",
+    "ModelFiles",
+    "build_transformer",
+    "chat_format_for",
+    "load_model_files",
+]
 
 
 def build_transformer(
@@ -41,57 +48,54 @@ def build_transformer(
     device: torch.device | str,
     dtype: torch.dtype,
     block_int8: Mapping[str, BlockInt8Weight] | None = None,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
     """Make the model on `device` in `dtype` from `weights` (checkpoint names: Meta's), checking
     names and shapes strictly, then choose its kernels (`Transformer.bind_kernels`).
 
     The model is created on the meta device and each weight is converted and assigned in turn, so
     at most one weight is in flight beside the (memory-mapped) checkpoint; the parts of a fused
-    `Linear` (Q/K/V, gate/up) are copied into place in its weight. `weights` may read its tensors
-    on access (a GGUF's `GGUFWeights`, whose `shapes` are checked instead). `block_int8` (a GGUF's
-    8-bit block form of some matrices) is the weight of every linear of a float32 CPU model whose
-    parts all have one: those matrices are never read in float32 (other placements ignore it).
+    `Linear` (Q/K/V, gate/up) are copied into place in its weight. With `tp` (a rank of a
+    tensor-parallel group), the model is that rank's shard and each weight is the rank's piece,
+    as the model's split table says (`Weights.local`); `weights` may read its tensors only when
+    they are placed (a GGUF's `GGUFWeights`). `block_int8` (a GGUF's 8-bit block form of some
+    matrices) is the weight of every linear of a float32 CPU model on one device whose parts all
+    have one: those matrices are never read in float32 (other placements ignore it).
     """
     import sys
 
     import torch
     from tqdm import tqdm
 
+    from nucleus.distributed import TensorParallel, checkpoint_layout
     from nucleus.kernels import cpu as cpu_kernels
     from nucleus.linear import Linear, fuse_block_int8, fuse_parts
+    from nucleus.loaders.weights import Weights
     from nucleus.model import Transformer, rope_frequencies
 
+    tp = tp or TensorParallel()
     with torch.device("meta"):
-        model = Transformer(config)
-    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Linear)}
-    expected: dict[str, tuple[int, ...]] = {}  # checkpoint name -> shape
-    for name, param in model.state_dict().items():
-        if name in linears:
-            layer = model.get_submodule(linears[name])
-            parts = layer.checkpoint_names(model.checkpoint_name(linears[name]))
-            expected.update({part: (width, layer.in_features) for part, width in parts.items()})
-        else:
-            expected[name] = tuple(param.shape)
-    given = set(weights) - _IGNORED_EXTRAS
-    missing = sorted(set(expected) - given)
-    unexpected = sorted(given - set(expected))
+        model = Transformer(config, tp)
+    layout = checkpoint_layout(model)
+    source = weights if isinstance(weights, Weights) else Weights(weights)
+    given = source.names(tp.rank, tp.world_size) - _IGNORED_EXTRAS
+    missing = sorted(set(layout) - given)
+    unexpected = sorted(given - set(layout))
     if missing or unexpected:
         raise CheckpointError(
             "checkpoint does not match the model config: "
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    shapes = getattr(weights, "shapes", None) or {n: tuple(weights[n].shape) for n in expected}
-    for name, shape in expected.items():
-        if tuple(shapes[name]) != shape:
-            raise CheckpointError(
-                f"checkpoint tensor {name!r} has shape {tuple(shapes[name])}, "
-                f"the model config needs {shape}"
-            )
-    # The 8-bit block forms the linears will multiply with (CPU float32 models only).
+
+    def local(name: str) -> torch.Tensor:
+        return source.local(name, layout[name], tp.rank, tp.world_size)
+
+    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Linear)}
+    # The 8-bit block forms the linears will multiply with (whole matrices: one device only).
     packed: dict[str, BlockInt8Weight] = {}
     cpu_float32 = torch.device(device).type == "cpu" and dtype == torch.float32
-    if block_int8 and cpu_float32 and cpu_kernels.available():
+    if block_int8 and cpu_float32 and tp.world_size == 1 and cpu_kernels.available():
         for name, layer_name in linears.items():
             layer = model.get_submodule(layer_name)
             form = fuse_block_int8(layer, model.checkpoint_name(layer_name), block_int8)
@@ -111,16 +115,18 @@ def build_transformer(
     )
     for name in progress:
         if name not in linears:
-            state[name] = placed[name] = weights[name].to(device=device, dtype=dtype)
+            state[name] = placed[name] = local(name).to(device=device, dtype=dtype)
             continue
         layer_name = model.checkpoint_name(linears[name])
-        layer = model.get_submodule(linears[name])
         if f"{layer_name}.weight" in placed:
             state[name] = placed[f"{layer_name}.weight"]
-        elif name in packed:  # multiplied in its block form: the dense weight is never made
+            continue
+        layer = model.get_submodule(linears[name])
+        if name in packed:  # multiplied in its block form: the dense weight is never made
             state[name] = torch.empty(layer.out_features, layer.in_features, device="meta")
-        else:
-            state[name] = fuse_parts(layer, layer_name, weights, device=device, dtype=dtype)
+            continue
+        parts = {part: local(part) for part in layer.checkpoint_names(layer_name)}
+        state[name] = fuse_parts(layer, layer_name, parts, device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()  # assignment gave the head its own Parameter over the same tensor
     for name, form in packed.items():
@@ -145,24 +151,27 @@ class ModelFiles:
     config: ModelConfig
     weights: Mapping[str, torch.Tensor] | None  # None for a GGUF file
     tokenizer: Tokenizer | HFTokenizer
-    chat: ChatFormat | ChatTemplate
+    chat: ChatFormat | ChatTemplate | None  # None: the model has no chat format
     gguf: GGUFFile | None = None
 
-    def build_model(self, *, device: torch.device | str, dtype: torch.dtype) -> Transformer:
-        """`build_transformer` from these files. From a GGUF file on the CPU in float32, the
-        Q8_0/Q4_0/Q4_1 matrices are kept as 8-bit blocks (`read_block_int8`) and never
-        dequantized; the other tensors are dequantized one at a time as they are placed."""
+    def build_model(
+        self, *, device: torch.device | str, dtype: torch.dtype, tp: TensorParallel | None = None
+    ) -> Transformer:
+        """`build_transformer` from these files (for rank `tp` of a tensor-parallel group: its
+        shard). From a GGUF file on the CPU in float32, the Q8_0/Q4_0/Q4_1 matrices are kept as
+        8-bit blocks (`read_block_int8`) and never dequantized; the other tensors are dequantized
+        one at a time as they are placed."""
         if self.gguf is None:
-            return build_transformer(self.config, self.weights, device=device, dtype=dtype)
+            return build_transformer(self.config, self.weights, device=device, dtype=dtype, tp=tp)
         import torch
 
         from nucleus.loaders.gguf import GGUFWeights, read_block_int8
 
-        block_int8 = None
-        if torch.device(device).type == "cpu" and dtype == torch.float32:
-            block_int8 = read_block_int8(self.gguf)
+        one_cpu = torch.device(device).type == "cpu" and (tp is None or tp.world_size == 1)
+        block_int8 = read_block_int8(self.gguf) if one_cpu and dtype == torch.float32 else None
+        weights = GGUFWeights(self.gguf)
         return build_transformer(
-            self.config, GGUFWeights(self.gguf), device=device, dtype=dtype, block_int8=block_int8
+            self.config, weights, device=device, dtype=dtype, block_int8=block_int8, tp=tp
         )
 
     def build_cpu_model(self, *, num_threads: int | None = None) -> CpuModel:
@@ -174,20 +183,19 @@ class ModelFiles:
         return CpuModel(self.gguf, num_threads=num_threads)
 
 
-def _chat_for(
-    tokenizer: Tokenizer | HFTokenizer, template: str | None
-) -> ChatFormat | ChatTemplate:
-    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use their own template."""
+def chat_format_for(tokenizer: Tokenizer | HFTokenizer) -> ChatFormat | ChatTemplate | None:
+    """Llama 3 vocabularies keep Meta's exact ChatFormat; other models use the chat template that
+    came with their tokenizer. None for a model with neither (a base model): it can complete
+    text, not chat."""
     from nucleus.chat_template import ChatTemplate
+    from nucleus.hf_tokenizer import HFTokenizer
     from nucleus.tokenizer import ChatFormat
 
     if all(t in tokenizer.special_tokens for t in LLAMA3_CHAT_TOKENS):
         return ChatFormat(tokenizer)
-    if not template:
-        raise CheckpointError(
-            f"{getattr(tokenizer, 'name', 'tokenizer')}: the model has no chat template"
-        )
-    return ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token, tokenizer)
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template:
+        return ChatTemplate.from_tokenizer(tokenizer)
+    return None
 
 
 def load_model_files(
@@ -208,14 +216,12 @@ def load_model_files(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    template = None
     gguf = None
     if path.is_file() and is_gguf_file(path):
         gguf = open_gguf(path)
         config, weights = gguf.config, None
         if tokenizer_path is None:
             tokenizer = HFTokenizer.from_gguf(gguf.metadata, name=path.name)
-            template = tokenizer.chat_template
     else:
         from nucleus.loaders.hf import is_hf_checkpoint, load_hf_checkpoint
         from nucleus.loaders.meta import is_meta_checkpoint, load_meta_checkpoint
@@ -226,7 +232,6 @@ def load_model_files(
         elif is_hf_checkpoint(path):
             config, weights = load_hf_checkpoint(path)
             tokenizer = HFTokenizer.from_file(path / "tokenizer.json")
-            template = tokenizer.chat_template
         else:
             raise CheckpointError(
                 f"{path}: not a model: expected a .gguf file, a Meta checkpoint directory "
@@ -238,7 +243,6 @@ def load_model_files(
             raise FileNotFoundError(f"tokenizer_path {str(tokenizer_path)!r} is not a file")
         if tokenizer_path.suffix == ".json":
             tokenizer = HFTokenizer.from_file(tokenizer_path)
-            template = tokenizer.chat_template
         else:
             from nucleus.tokenizer import Tokenizer
 
@@ -248,5 +252,4 @@ def load_model_files(
             f"{path}: the model's vocabulary ({config.vocab_size}) is smaller than its "
             f"tokenizer's ({tokenizer.n_words} tokens)"
         )
-    chat = _chat_for(tokenizer, template)
-    return ModelFiles(path.name, config, weights, tokenizer, chat, gguf)
+    return ModelFiles(path.name, config, weights, tokenizer, chat_format_for(tokenizer), gguf)

@@ -1,4 +1,5 @@
-"""Meta checkpoints: `params.json` and `consolidated.*.pth`, model-parallel shards merged."""
+"""Meta checkpoints: `params.json` and `consolidated.*.pth`, model-parallel shards merged or
+read rank by rank."""
 
 from __future__ import annotations
 
@@ -8,28 +9,10 @@ from pathlib import Path
 import torch
 
 from nucleus.config import ConfigError, ModelConfig
+from nucleus.distributed.layers import Slot, checkpoint_layout
 from nucleus.loaders.errors import CheckpointError
-
-# How fairscale split each weight across model-parallel ranks (reference-semantics 1.4):
-# column-parallel weights are cut along dim 0, row-parallel along dim 1, norms are replicated.
-_SPLIT_DIM = {
-    "tok_embeddings": 0,
-    "output": 0,
-    "wq": 0,
-    "wk": 0,
-    "wv": 0,
-    "w1": 0,
-    "w3": 0,
-    "wo": 1,
-    "w2": 1,
-}
-
-
-def _split_dim(name: str) -> int | None:
-    for part in reversed(name.split(".")[:-1]):
-        if part in _SPLIT_DIM:
-            return _SPLIT_DIM[part]
-    return None
+from nucleus.loaders.weights import Weights
+from nucleus.model import Transformer
 
 
 def meta_checkpoint_files(ckpt_dir: Path) -> list[Path]:
@@ -53,8 +36,52 @@ def load_meta_params(ckpt_dir: Path) -> ModelConfig:
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
 
 
-def load_meta_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and merged weights of a Meta checkpoint directory (memory-mapped, no pickle code)."""
+class MetaShards(Weights):
+    """The tensors of Meta's model-parallel shards (`consolidated.00.pth`, ...: one file per rank,
+    as fairscale split them), memory-mapped.
+
+    With as many ranks as files, rank `r`'s pieces are read straight from file `r` (the others
+    are only opened, to check their names); with any other number, every tensor is merged from
+    the files (`__getitem__`) and cut again for the rank. Both directions read the model's split
+    table (`nucleus.distributed.checkpoint_layout`): splitting, merging and re-sharding are the
+    same table.
+    """
+
+    def __init__(
+        self, files: list[Path], shards: list[dict[str, torch.Tensor]], layout: dict[str, Slot]
+    ) -> None:
+        super().__init__(shards[0])
+        self.files = files
+        self.shards = shards
+        self.layout = layout
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        pieces = [shard[name] for shard in self.shards]
+        slot = self.layout.get(name)
+        return pieces[0] if slot is None else slot.split.merge(pieces)
+
+    def names(self, rank: int, world_size: int) -> set[str]:
+        return set(self.shards[rank] if self._direct(world_size) else self.shards[0])
+
+    def local(self, name: str, slot: Slot, rank: int, world_size: int) -> torch.Tensor:
+        if not self._direct(world_size):
+            return super().local(name, slot, rank, world_size)
+        piece = self.shards[rank][name]
+        need = slot.split.local_shape(slot.shape, world_size)
+        if tuple(piece.shape) != need:
+            raise CheckpointError(
+                f"{self.files[rank]}: tensor {name!r} has shape {tuple(piece.shape)}, rank "
+                f"{rank} of {world_size} needs {need}"
+            )
+        return piece
+
+    def _direct(self, world_size: int) -> bool:
+        return len(self.shards) == world_size > 1
+
+
+def load_meta_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, Weights]:
+    """Config and weights of a Meta checkpoint directory (memory-mapped, no pickle code); the
+    weights of several shards are a `MetaShards`."""
     ckpt_dir = Path(ckpt_dir)
     config = load_meta_params(ckpt_dir)
     files = meta_checkpoint_files(ckpt_dir)
@@ -69,17 +96,14 @@ def load_meta_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, t
         if not isinstance(shards[-1], dict):
             raise CheckpointError(f"{path}: expected a state dict, got {type(shards[-1]).__name__}")
     if len(shards) == 1:
-        return config, shards[0]
+        return config, Weights(shards[0])
     names = set(shards[0])
     for path, shard in zip(files[1:], shards[1:], strict=True):
         if set(shard) != names:
             raise CheckpointError(f"{path}: holds different tensor names than {files[0]}")
-    merged = {}
-    for name in shards[0]:
-        dim = _split_dim(name)
-        parts = [shard[name] for shard in shards]
-        merged[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-    return config, merged
+    with torch.device("meta"):
+        layout = checkpoint_layout(Transformer(config))
+    return config, MetaShards(files, shards, layout)
 
 
 def is_meta_checkpoint(path: Path) -> bool:

@@ -4,8 +4,9 @@ Requests are validated strictly (a boolean is not an integer, a string is not a 
 not a float) and every failure becomes an `APIError` of status 400 naming the offending `param`,
 in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`. Fields OpenAI has and
 nucleus does not use are accepted and ignored; vLLM's extra sampling fields (`top_k`, `min_p`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`) are
-accepted too, since clients send them through `extra_body`.
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`) and
+its structured-output fields (`guided_json`, `guided_regex`, `guided_grammar`, `guided_choice`)
+are accepted too, since clients send them through `extra_body`.
 """
 
 from __future__ import annotations
@@ -191,6 +192,12 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = False
     stop_token_ids: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
     skip_special_tokens: bool | None = True
+    # Structured outputs: OpenAI's `response_format`, or one of vLLM's `guided_*` fields.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
 
     def wants_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -234,10 +241,37 @@ class ContentPartText(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text
+
+
+class ToolCallIn(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPartText] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat formats take it (`developer` is a system message)."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text() if self.content is not None or not self.tool_calls else None,
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -255,7 +289,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The completion budget asked for and the name of the field that asked."""
@@ -268,6 +302,8 @@ _KNOWN_FIELDS = (
     set(CompletionRequest.model_fields)
     | set(ChatCompletionRequest.model_fields)
     | set(ChatMessage.model_fields)
+    | set(ToolCallIn.model_fields)
+    | set(ToolCallFunction.model_fields)
     | set(StreamOptions.model_fields)
     | {"text", "type"}
 )
@@ -345,9 +381,25 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int  # the call's place among the choice's calls
 
 
 class ChatChoice(BaseModel):

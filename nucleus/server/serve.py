@@ -3,6 +3,7 @@
     python -m nucleus.server.serve [--model PATH] [--host 127.0.0.1] [--port 8000]
         [--api-key KEY | env NUCLEUS_API_KEY] [--served-model-name NAME] [--max-waiting N]
         [--device DEV] [--dtype DTYPE] [--max-model-len N] [--max-num-seqs N]
+        [--tensor-parallel-size N]
 
 Binds to 127.0.0.1 unless told otherwise and logs one line per request. SIGTERM (or Ctrl-C)
 shuts down gracefully: the listening socket closes, new requests on open connections get 503,
@@ -84,6 +85,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="most sequences the engine runs in one batch (default: the engine's)",
     )
     parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="devices to split the model across (rank r on cuda:r; worker processes are started "
+        "here, the server and the engine stay in this one) (default 1)",
+    )
+    parser.add_argument(
         "--enforce-eager",
         action="store_true",
         help="run decode steps eagerly: no CUDA graphs (slower; for debugging)",
@@ -111,6 +119,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     return AsyncLLM(
         getattr(args, "model", None),
         device=getattr(args, "device", None),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         **kwargs,
     )
 

@@ -104,6 +104,97 @@ def test_every_attention_backend_gives_the_tokens_of_the_plain_loop(model, backe
     assert e.block_manager.num_used_blocks == 0
 
 
+def penalized_greedy(model, prompt, n, rep, freq, pres) -> list[int]:
+    """The plain loop with the penalties applied by hand to each step's logits (vLLM's
+    repetition penalty over prompt and output; OpenAI's frequency and presence over output)."""
+    ids = list(prompt)
+    for _ in range(n):
+        x = naive_logits(model, ids).clone()
+        out = ids[len(prompt) :]
+        for t in set(ids):
+            x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+        for t in set(out):
+            x[t] -= freq * out.count(t) + pres
+        ids.append(int(x.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_penalty_counts_kept_on_the_device_give_the_plain_loop(model, backend):
+    rep, freq, pres = 1.3, 0.4, 0.25
+    params = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True,
+        repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+    )  # fmt: skip
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    e = triton_engine() if backend == "triton" else engine(model)
+    outs = e.generate(PROMPTS, [params, plain, params, plain])
+    for i in (0, 2):
+        expected = penalized_greedy(model, PROMPTS[i], 10, rep, freq, pres)
+        assert outs[i].outputs[0].token_ids == expected
+    assert outs[1].outputs[0].token_ids == naive_greedy(model, PROMPTS[1], 10)
+    assert not e.runner.penalties.rows  # released with their requests
+
+
+def triton_engine(**kw) -> LLMEngine:
+    """The engine on the Triton backend and ops (interpreted without a GPU): decode steps run on
+    the runner's static buffers, which async scheduling needs."""
+    from nucleus.kernels.triton import triton_usable
+    from nucleus.ops.triton_ops import TritonOps
+
+    if not triton_usable("cpu"):
+        pytest.skip("Triton is not installed")
+    fresh = tiny_model(vocab_size=V, dim=32, ffn=64, max_len=64, std=0.3, seed=0)
+    fresh.bind_kernels(ops=TritonOps(max_positions=64))
+    return engine(fresh, attention_backend="triton", **kw)
+
+
+def test_async_scheduling_gives_the_outputs_of_the_synchronous_loop(monkeypatch):
+    """Steps launched ahead (their tokens read on the device) end as the synchronous loop does:
+    by stop token, stop string, length, and abort, with seeded sampling and n > 1."""
+    requests = [
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=9, stop_token_ids=[29])),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["C"])),
+        (PROMPTS[2], SamplingParams(temperature=1.0, seed=7, max_tokens=10, n=2, logprobs=1)),
+        (PROMPTS[3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)),
+        (PROMPTS[0][:4], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)),
+        (
+            PROMPTS[1],
+            SamplingParams(temperature=0, max_tokens=9, min_tokens=4, frequency_penalty=1.0),
+        ),
+    ]
+    runs = {}
+    for overlap in (False, True):
+        e = triton_engine(async_scheduling=overlap)
+        ahead = []
+        launch = e.runner.launch
+        monkeypatch.setattr(
+            e.runner,
+            "launch",
+            lambda b, after=None, masks=None, ahead=ahead, launch=launch: (
+                ahead.append(after) or launch(b, after, masks)
+            ),
+        )
+        for i, (prompt, params) in enumerate(requests):
+            e.add_request(f"r{i}", prompt, params)
+        finals, steps = {}, 0
+        while e.has_unfinished():
+            steps += 1
+            if steps == 4:
+                e.abort("r4")
+            finals.update({o.request_id: o for o in e.step() if o.finished})
+        runs[overlap] = [
+            [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in finals[f"r{i}"].outputs]
+            for i in range(len(requests))
+        ]
+        assert (sum(a is not None for a in ahead) > 0) == overlap
+        while e._ahead is not None:  # a step launched for sequences that then ended
+            e.step()
+        assert e.block_manager.num_used_blocks == 0
+    assert runs[True] == runs[False]
+    assert runs[True][0][0][2] == "stop" and runs[True][4][0][2] == "abort"
+
+
 def test_seeded_request_alone_or_in_a_batch(model):
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=10, ignore_eos=True)
     alone = engine(model).generate([PROMPTS[0]], p)[0].outputs[0].token_ids

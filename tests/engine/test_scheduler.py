@@ -52,6 +52,26 @@ def test_prefill_then_decode_then_length_finish_frees_blocks():
     assert not s.has_unfinished()
 
 
+def test_admission_in_groups_waits_for_free_slots_or_a_bounded_number_of_steps():
+    """GPU policy: while sequences decode, waiting ones are admitted together once `admit_group`
+    slots are free (or all of them fit), or after `admit_max_wait` steps held back."""
+    s = make(num_blocks=64, max_num_seqs=4, admit_group=2, admit_max_wait=3)
+    first = [seq([1, 2], rid=f"a{i}", max_tokens=20 if i else 2) for i in range(4)]
+    for q in first:
+        s.add(q)
+    step(s)  # all four admitted: nothing was running
+    assert len(s.running) == 4
+    late = [seq([3, 4], rid=f"b{i}") for i in range(3)]
+    for q in late:
+        s.add(q)
+    step(s)  # a0 ends: one slot free, fewer than the group of 2 and than the 3 waiting
+    assert first[0].is_finished and len(s.waiting) == 3
+    held = [step(s) for _ in range(3)]  # held back 3 steps: decodes only
+    assert all(late[0] not in b.seqs for b in held)
+    assert late[0] in step(s).seqs  # the wait bound reached: admitted where there is room
+    assert len(s.waiting) == 2
+
+
 def test_decodes_go_first_and_a_long_prompt_is_chunked_within_the_budget():
     s = make(num_blocks=32, max_num_batched_tokens=8, max_model_len=64)
     a = seq([1, 2, 3])

@@ -56,7 +56,8 @@ def weights(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def engine(device: str, dtype: torch.dtype, w, **options) -> LLMEngine:
     config = ModelConfig.from_meta_params(SMALL)
     model = build_transformer(config, w, device=device, dtype=dtype)
-    return LLMEngine(model, Ids(), EngineConfig(max_num_seqs=8, max_model_len=512, **options))
+    options = {"max_num_seqs": 8, "max_model_len": 512, **options}
+    return LLMEngine(model, Ids(), EngineConfig(**options))
 
 
 PROMPTS = [list(range(1000 + i, 1000 + i + 5 + 23 * i)) for i in range(8)]
@@ -89,7 +90,7 @@ def test_bf16_logits_of_the_triton_path_are_within_1e_2_of_the_torch_path():
     fast = engine("cuda", torch.bfloat16, w)
     plain = engine("cuda", torch.bfloat16, w, attention_backend="torch")
     plain.model.bind_kernels(ops=TorchOps())
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={777: 1e4})
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={777: 100.0})
     logits = {}
     for name, e in (("fast", fast), ("plain", plain)):
         captured = []
@@ -109,3 +110,54 @@ def test_bf16_logits_of_the_triton_path_are_within_1e_2_of_the_torch_path():
     a, b = logits["fast"].double(), logits["plain"].double()
     assert a.shape == b.shape == (12 * len(PROMPTS), SMALL["vocab_size"])
     assert ((a - b).norm() / b.norm()).item() <= 1e-2
+
+
+def others(n: int, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    """`n` requests of mixed lengths (some sharing a prefix with TARGET) and output lengths."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = [
+        (SHARED[: rng.randint(0, len(SHARED))] if i % 3 == 0 else [])
+        + [rng.randrange(2, 128000) for _ in range(rng.randint(1, 300))]
+        for i in range(n)
+    ]
+    params = [
+        SamplingParams(temperature=0, max_tokens=rng.randint(1, 24), ignore_eos=True)
+        for _ in prompts
+    ]
+    return prompts, params
+
+
+SHARED = list(range(3000, 3040))
+TARGET = [*SHARED, 7, 8, 9, 10, 11]
+TARGET_PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"enable_prefix_caching": False},
+        {"max_num_batched_tokens": 97},  # chunked prefills beside decodes
+        {"num_kv_blocks": 120, "max_model_len": 512},  # preemption by recompute
+    ],
+    ids=["prefix-cache", "no-prefix-cache", "chunked", "tiny-pool"],
+)
+def test_fp32_greedy_alone_equals_among_256_others(kw):
+    """Issue 15's invariance on the GPU path (Triton kernels, graphs, async scheduling)."""
+    w = weights(torch.float32)
+    alone = engine("cuda", torch.float32, w).generate([TARGET], TARGET_PARAMS)[0]
+    prompts, params = others(256)
+    prompts.insert(128, TARGET)
+    params.insert(128, TARGET_PARAMS)
+    e = engine("cuda", torch.float32, w, **{"max_num_seqs": 256, **kw})
+    outs = e.generate(prompts, params)
+    assert outs[128].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    if "num_kv_blocks" in kw:
+        assert e.scheduler.num_preemptions > 0
+    for j in (0, 77, 200):  # a few others, alone
+        (single,) = engine("cuda", torch.float32, w).generate([prompts[j]], params[j])
+        assert single.outputs[0].token_ids == outs[j].outputs[0].token_ids
+    assert e.block_manager.num_used_blocks == 0

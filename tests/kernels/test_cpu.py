@@ -9,10 +9,9 @@ Tolerance: 1e-5 relative (float32; only the summation order differs).
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from steps import paged_cache
 
 from nucleus.attention import KVCache, ReferenceBackend
 from nucleus.attention.cpu import CpuBackend
@@ -71,6 +70,14 @@ def test_block_int8_linear_equals_the_float64_product(rows, n, k, signed):
     assert_close(block_int8_linear(x, w), ref)
 
 
+def test_block_int8_linear_keeps_leading_dimensions_as_f_linear_does():
+    w = random_block_int8(32, 64, signed=True, seed=5)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    ours = block_int8_linear(x, w)
+    assert ours.shape == (2, 3, 32)
+    assert_close(ours, torch.nn.functional.linear(x.double(), w.dequantize().double()))
+
+
 def test_block_int8_linear_takes_a_non_contiguous_input_and_checks_width():
     w = random_block_int8(32, 64, signed=True, seed=1)
     x = torch.randn(64, 10).T  # (10, 64), not contiguous
@@ -88,18 +95,10 @@ def test_block_int8_linear_propagates_nan():
 
 
 def _paged_setup(contexts, n_heads, n_kv, head_dim, block_size=16, seed=0):
-    rng = random.Random(seed)
-    blocks_needed = [-(-c // block_size) for c in contexts]
-    ids = list(range(sum(blocks_needed) + 3))
-    rng.shuffle(ids)
-    tables, start = [], 0
-    for nb in blocks_needed:
-        tables.append(ids[start : start + nb])
-        start += nb
-    g = torch.Generator().manual_seed(seed)
-    shape = (len(ids), block_size, n_kv, head_dim)
-    cache_k, cache_v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    q = torch.randn(len(contexts), n_heads, head_dim, generator=g)
+    cache_k, cache_v, tables = paged_cache(
+        contexts, n_kv, head_dim, block_size=block_size, seed=seed
+    )
+    q = torch.randn(len(contexts), n_heads, head_dim, generator=torch.Generator().manual_seed(seed))
     return q, cache_k, cache_v, tables
 
 

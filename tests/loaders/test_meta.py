@@ -1,4 +1,5 @@
-"""Meta checkpoints: shards merged as fairscale split them, strict and safe loading.
+"""Meta checkpoints: shards merged as fairscale split them (or read rank by rank), strict and safe
+loading.
 
 Oracle: the unsharded weights themselves (merging must give them back bit for bit) and
 `transformers` logits on the same weights (fp32, 1e-5 relative).
@@ -18,8 +19,10 @@ from checkpoints import (
 )
 from steps import cpu_backend, step_logits
 
+from nucleus.distributed import checkpoint_layout
 from nucleus.loaders import CheckpointError, build_transformer
 from nucleus.loaders.meta import load_meta_checkpoint
+from nucleus.model import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,18 @@ def test_shards_merge_back_to_the_full_weights(tmp_path, weights, shards):
     assert set(loaded) == set(weights)
     for name, tensor in weights.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_a_rank_reads_its_own_shard_or_a_reshard(tmp_path, weights):
+    """With as many ranks as files, rank 1's tensors are file 01's own (no copy); with 4 ranks
+    for 2 files, rank 1's are cut from the merged tensors (KV heads replicated)."""
+    write_meta_checkpoint(tmp_path, LLAMA3, weights, shards=2)
+    config, shards = load_meta_checkpoint(tmp_path)
+    with torch.device("meta"):
+        layout = checkpoint_layout(Transformer(config))
+    for name, slot in layout.items():
+        assert shards.local(name, slot, 1, 2) is shards.shards[1][name]
+        assert torch.equal(shards.local(name, slot, 1, 4), slot.split.shard(weights[name], 1, 4))
 
 
 def test_merged_shards_give_transformers_logits(tmp_path, weights):

@@ -59,7 +59,9 @@ class FakeAsyncLLM:
         self.aborted: list[str] = []
         self.submitted: list[tuple[list[int], SamplingParams]] = []
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    chat_format = None  # not a Llama 3 format
+
+    def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
         ids = [self.tokenizer.bos_id]
         for m in messages:
             if m["role"] not in ("system", "user", "assistant", "tool"):

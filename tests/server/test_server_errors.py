@@ -113,6 +113,8 @@ BAD_COMPLETIONS = [
     ({"suffix": "tail"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"top_k": -5}, "top_k"),
+    ({"response_format": {"type": "json_schema", "json_schema": "x"}}, "response_format"),
+    ({"guided_json": {"type": "object", "minProperties": "two"}}, "guided_json"),
 ]
 
 
@@ -138,8 +140,38 @@ BAD_CHAT = [
     ({"max_completion_tokens": -4}, "max_completion_tokens"),
     ({"temperature": -1}, "temperature"),
     ({"n": 1000}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+        "tool_choice",
+    ),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+    ),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+        },
+        "tool_choice",
+    ),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+        "response_format",
+    ),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
     ({"stop": ["a"] * 100}, "stop"),
 ]
 
