@@ -47,10 +47,10 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when available, else the CPU (as `nucleus.generation.default_device`,
+    without importing the reference API and the engine's runner with it)."""
     if device is None:
-        from nucleus.generation import default_device
-
-        return default_device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
