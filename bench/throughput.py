@@ -2,11 +2,11 @@
 
     python bench/throughput.py [--num-requests 64] [--batch-sizes 16,32,64] [--threads 2]
 
-Both run the default model (SmolLM2-135M-Instruct GGUF) in float32 arithmetic on the same
-random-token prompts of mixed lengths, each request with its own number of new tokens (EOS
-ignored, so both produce exactly the requested tokens). transformers dequantizes the file to
-float32 matrices; nucleus multiplies by its Q4_1/Q8_0 weights as 8-bit blocks with float32
-activations (`nucleus.kernels`: the same weight values, a quarter of the bytes). transformers runs
+Both run the default model (SmolLM2-135M-Instruct GGUF) on the same random-token prompts of mixed
+lengths, each request with its own number of new tokens (EOS ignored, so both produce exactly the
+requested tokens). transformers dequantizes the file to float32 matrices; nucleus runs its CPU
+path (docs/cpu.md): the file's Q4_1/Q8_0 blocks multiplied with 8-bit activations, as llama.cpp
+computes, so the two agree on most greedy tokens but not all. transformers runs
 padded batches in arrival order at each batch size (each batch generates to its longest request;
 only requested tokens count); its best batch size is the baseline. nucleus runs once before each
 transformers batch size (interleaved, so both meet the same load on a shared machine, with as many
@@ -58,21 +58,23 @@ def measure_gemm(m: int = 512) -> float:
     return 2 * m * 576 * 1536 / best / 1e9
 
 
-def decode_step_bytes(model) -> int:
-    """Weight bytes one decode step reads: matrices in their 8-bit block form where the CPU
-    kernels use it (int8 values plus float32 scales/offsets), float32 otherwise; the embedding
-    table only as the output head."""
-    total = 0
-    for name, module in model.named_modules():
-        packed = getattr(module, "block_int8", None)
-        weight = getattr(module, "weight", None)
-        if packed is not None:
-            total += sum(
-                t.numel() * t.element_size() for t in (packed.q, packed.scale, packed.offset)
-            )
-        elif weight is not None and name != "tok_embeddings":
-            total += weight.numel() * weight.element_size()
-    return total
+def model_sizes() -> tuple[int, int, int, int]:
+    """(weight bytes one decode step reads, parameters, head parameters, embedding parameters)
+    of the default GGUF as nucleus's CPU path holds it: every matrix in the file's blocks (the Q4/
+    Q8 ones interleaved, the same bytes), the embedding table read only as the (tied) head."""
+    from nucleus.assets import asset_path
+    from nucleus.loaders import DEFAULT_MODEL_ASSET
+    from nucleus.loaders.gguf_file import open_gguf
+
+    file = open_gguf(asset_path(DEFAULT_MODEL_ASSET))
+    tensors = file.tensors
+    head = tensors["tok_embeddings.weight" if file.config.tie_embeddings else "output.weight"]
+    matrices = [t for name, t in tensors.items() if len(t.shape) == 2 and t is not head]
+    step_bytes = head.raw.nbytes + sum(
+        t.raw.nbytes for t in matrices if t.name != "token_embd.weight"
+    )
+    params = sum(t.n_elements for t in tensors.values())
+    return step_bytes, params, head.n_elements, tensors["tok_embeddings.weight"].n_elements
 
 
 def workload(n: int, seed: int, prompt_range, out_range) -> tuple[list[list[int]], list[int]]:
@@ -193,16 +195,12 @@ def main() -> None:
         flush=True,
     )
     llm, load_s = load_nucleus(args)
-    model = llm.model
-    weight_bytes = decode_step_bytes(model)
-    params = sum(p.numel() for p in model.parameters())  # a tied head counted once
-    head = model.output.weight.numel()
+    weight_bytes, params, head, embedding = model_sizes()
     # Every prompt token passes through the layers; the head runs once per generated token.
-    untied_head = 0 if model.config.tie_embeddings else head
-    body = params - model.tok_embeddings.weight.numel() - untied_head
+    untied_head = 0 if llm.model.config.tie_embeddings else head
+    body = params - embedding - untied_head
     workload_flops = 2 * body * (sum(map(len, prompts)) + sum(outs)) + 2 * head * sum(outs)
     flops_per_token = workload_flops / sum(outs)
-    del model
 
     # Interleaved: one nucleus run before each transformers batch size, so that both sample the
     # same stretches of a shared machine's load and get as many tries; each side's best counts.

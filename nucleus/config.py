@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,19 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def apply(self, freqs: Any, where: Callable[[Any, Any, Any], Any]) -> Any:
+        """The scaled per-pair frequencies of `freqs` (a torch or numpy array; `where` is its
+        library's `where`), in the arithmetic of llama-models' `apply_scaling`."""
+        low_freq_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = 2 * math.pi / freqs
+        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        interpolated = (1 - smooth) * freqs / self.factor + smooth * freqs
+        scaled = where(wavelen > low_freq_wavelen, freqs / self.factor, interpolated)
+        return where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
 @dataclass(frozen=True)

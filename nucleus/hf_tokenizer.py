@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,7 @@ class HFTokenizer:
         add_bos: bool = False,
         chat_template: str | None = None,
         name: str = "tokenizer",
+        make_plain: Callable[[], Tokenizer] | None = None,
     ):
         self.tokenizer = tokenizer
         self.name = name
@@ -190,6 +191,7 @@ class HFTokenizer:
         self.bos_token = self.id_to_token(self.bos_id) if self.bos_id >= 0 else ""
         self.eos_token = self.id_to_token(self.eos_id) if self.eos_id >= 0 else ""
         self._plain: Tokenizer | None = None  # a copy that encodes special-token text as text
+        self._make_plain = make_plain  # builds it (else it is derived from the JSON of `tokenizer`)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, n_words={self.n_words}, bos={self.bos_id}, eos={self.eos_id})"
@@ -258,9 +260,14 @@ class HFTokenizer:
             # The same tokenizer without its special added tokens (user-defined ones stay, as in
             # llama.cpp without parse_special). `encode_special_tokens = True` would do the same,
             # but makes every encode about 20 times slower.
-            spec = json.loads(self.tokenizer.to_str())
-            spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t["special"]]
-            self._plain = Tokenizer.from_str(json.dumps(spec))
+            if self._make_plain is not None:
+                self._plain = self._make_plain()
+            else:
+                spec = json.loads(self.tokenizer.to_str())
+                spec["added_tokens"] = [
+                    t for t in spec.get("added_tokens") or [] if not t["special"]
+                ]
+                self._plain = Tokenizer.from_str(json.dumps(spec))
         return self._plain
 
     @functools.cached_property
@@ -364,24 +371,32 @@ class HFTokenizer:
         if len(types) != n:
             raise TokenizerError(f"{name}: {len(types)} token types for {n} tokens")
         if model == "gpt2":
-            tok, add_bos = _gguf_bpe(metadata, tokens, types, name)
+            make, add_bos = _gguf_bpe(metadata, tokens, types, name)
         elif model == "llama":
-            tok, add_bos = _gguf_spm(metadata, tokens, types, name)
+            make, add_bos = _gguf_spm(metadata, tokens, types, name)
         else:
             raise TokenizerError(
                 f"{name}: tokenizer type tokenizer.ggml.model = {model!r} is not supported "
                 "(nucleus builds 'gpt2' byte-level BPE and 'llama' SentencePiece vocabularies)"
             )
-        added = []
+        special, user = [], []
         for text, kind in zip(tokens, types, strict=True):
-            if kind in (_CONTROL, _UNKNOWN, _USER_DEFINED):
-                added.append(AddedToken(text, special=kind != _USER_DEFINED, normalized=False))
+            if kind in (_CONTROL, _UNKNOWN):
+                special.append(AddedToken(text, special=True, normalized=False))
+            elif kind == _USER_DEFINED:
+                user.append(AddedToken(text, special=False, normalized=False))
         # ids are kept: every added token is already in the model's vocabulary
-        tok.add_special_tokens([t for t in added if t.special])
-        tok.add_tokens([t for t in added if not t.special])
+        tok = make()
+        tok.add_special_tokens(special)
+        tok.add_tokens(user)
         for i, t in tok.get_added_tokens_decoder().items():
             if tokens[i] != t.content:
                 raise TokenizerError(f"{name}: added token {t.content!r} got id {i}")
+
+        def make_plain() -> Tokenizer:  # built again from the parsed vocabulary: much cheaper
+            plain = make()  # than a copy through its JSON
+            plain.add_tokens(user)
+            return plain
 
         def opt_id(key: str) -> int | None:
             value = metadata.get(f"tokenizer.ggml.{key}")
@@ -401,12 +416,14 @@ class HFTokenizer:
             add_bos=bool(add_bos),
             chat_template=metadata.get("tokenizer.chat_template"),
             name=name,
+            make_plain=make_plain,
         )
 
 
 def _gguf_bpe(
     metadata: dict[str, Any], tokens: list[str], types: list[int], name: str
-) -> tuple[Tokenizer, bool]:
+) -> tuple[Callable[[], Tokenizer], bool]:
+    """A function that builds the BPE tokenizer (no added tokens yet), and whether to add BOS."""
     pre = metadata.get("tokenizer.ggml.pre") or "default"
     if pre not in _BPE_PRE:
         raise TokenizerError(
@@ -423,19 +440,25 @@ def _gguf_bpe(
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise TokenizerError(f"{name}: the vocabulary has duplicate tokens")
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(e), behavior="isolated") for e in expressions]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
+
+    def make() -> Tokenizer:
+        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(e), behavior="isolated") for e in expressions]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
     add_bos = pre in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral")
-    return tok, add_bos
+    return make, add_bos
 
 
 def _gguf_spm(
     metadata: dict[str, Any], tokens: list[str], types: list[int], name: str
-) -> tuple[Tokenizer, bool]:
+) -> tuple[Callable[[], Tokenizer], bool]:
+    """A function that builds the SentencePiece-style tokenizer (no added tokens yet), and whether
+    to add BOS."""
     scores = metadata.get("tokenizer.ggml.scores")
     if not scores or len(scores) != len(tokens):
         raise TokenizerError(f"{name}: a 'llama' vocabulary needs tokenizer.ggml.scores")
@@ -452,14 +475,18 @@ def _gguf_spm(
     ranked.sort()
     merges = [(left, right) for *_, left, right in ranked]
     unk = next((tokens[i] for i, k in enumerate(types) if k == _UNKNOWN), None)
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    steps = [normalizers.Replace(" ", "▁")]
-    if add_prefix:
-        steps.insert(0, normalizers.Prepend("▁"))
-    tok.normalizer = normalizers.Sequence(steps)
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix:
-        dec.append(decoders.Strip(" ", 1, 0))
-    tok.decoder = decoders.Sequence(dec)
-    return tok, True
+
+    def make() -> Tokenizer:
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        steps = [normalizers.Replace(" ", "▁")]
+        if add_prefix:
+            steps.insert(0, normalizers.Prepend("▁"))
+        tok.normalizer = normalizers.Sequence(steps)
+        dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix:
+            dec.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(dec)
+        return tok
+
+    return make, True

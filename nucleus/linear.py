@@ -5,7 +5,7 @@ SwiGLU gate and up projections), fused when the weights are loaded so that a ste
 one product. The table of parts lives here, with the layer: loading (`checkpoint_shapes`,
 `fuse_parts`) reads it one way, and a split for tensor parallelism will read it the other.
 
-The weight's form is chosen once, when the weight is placed (`Transformer.bind_kernels`): a dense
+The weight's form is chosen once, when the weight is placed (`loaders.build_transformer`): a dense
 matrix of any dtype (`F.linear`), or on the CPU a GGUF matrix kept as 8-bit blocks for the C
 kernel (`use_block_int8`), which computes the same values from a quarter of the bytes.
 """

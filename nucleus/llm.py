@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nucleus.cpu.model import CpuModel
 from nucleus.distributed.group import TensorParallel, cpu_threads_per_rank
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.model import Transformer
@@ -46,10 +47,10 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when available, else the CPU (as `nucleus.generation.default_device`,
+    without importing the reference API and the engine's runner with it)."""
     if device is None:
-        from nucleus.generation import default_device
-
-        return default_device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
@@ -152,6 +153,11 @@ class LLM:
             starts (rank 0 runs here); `shutdown()` (or the end of the program) ends them.
             Programs that use it need an `if __name__ == "__main__":` guard (the workers are
             started with `spawn`, which imports the main module).
+        exact: on the CPU, a GGUF model runs through the C forward pass over its own blocks with
+            8-bit activations, as llama.cpp computes it (`nucleus.cpu`; docs/cpu.md states its
+            error); `exact=True` runs the torch model on the dequantized weights in float32
+            instead (slower). Other devices, dtypes, formats and tensor parallelism always take
+            the torch model.
         **engine_options: `EngineConfig` fields: `block_size`, `num_kv_blocks`, `max_num_seqs`,
             `max_num_batched_tokens`, `context_cost_tokens` (docs/scheduling.md),
             `max_model_len`, `enable_prefix_caching`, `kv_dtype`, `memory_fraction`.
@@ -167,6 +173,7 @@ class LLM:
         seed: int | None = None,
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
+        exact: bool = False,
         **engine_options: Any,
     ) -> None:
         from nucleus.loaders import load_model_files
@@ -178,6 +185,12 @@ class LLM:
         self.model_name = files.name
         self.chat_format = files.chat
         self.tokenizer = files.tokenizer
+        cpu_path = files.gguf is not None and self.device.type == "cpu" and not exact
+        if cpu_path and self.dtype == torch.float32 and tensor_parallel_size == 1:
+            self._ids = itertools.count()
+            self.model = files.build_cpu_model(num_threads=num_threads)
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
+            return
 
         def build(tp: TensorParallel) -> Transformer:
             nonlocal files
@@ -265,8 +278,11 @@ class LLM:
         self = cls.__new__(cls)
         self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
         self.chat_format, self.model_name = chat_format, name
-        weight = engine.model.tok_embeddings.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        if isinstance(engine.model, CpuModel):
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+        else:
+            weight = engine.model.tok_embeddings.weight
+            self.device, self.dtype = weight.device, weight.dtype
         self._ids = itertools.count()
         return self
 

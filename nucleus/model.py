@@ -20,7 +20,6 @@ does.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -37,8 +36,6 @@ from nucleus.distributed.layers import (
     check_shardable,
     local_units,
 )
-from nucleus.kernels.cpu import BlockInt8Weight
-from nucleus.linear import Linear, fuse_block_int8
 from nucleus.ops import ModelOps, TorchOps, select_ops
 
 
@@ -61,17 +58,7 @@ class RMSNorm(nn.Module):
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Per-pair rotation frequencies in float32; `scaling` is Llama 3.1's `apply_scaling`."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    if scaling is None:
-        return freqs
-    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    interpolated = (1 - smooth) * freqs / scaling.factor + smooth * freqs
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, interpolated)
-    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+    return freqs if scaling is None else scaling.apply(freqs, torch.where)
 
 
 class Attention(nn.Module):
@@ -164,18 +151,12 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def bind_kernels(
-        self,
-        block_int8: dict[str, BlockInt8Weight] | None = None,
-        *,
-        ops: ModelOps | None = None,
-    ) -> None:
+    def bind_kernels(self, *, ops: ModelOps | None = None) -> None:
         """Choose the ops for this model's device and dtype (`nucleus.ops.select_ops`, or `ops`)
-        and give them to every module; with `block_int8` (a GGUF's 8-bit block matrices by
-        checkpoint name, for a float32 CPU model), each `Linear` whose parts all have one
-        multiplies in that form. Called once the weights are placed; later calls without
-        arguments keep the choice."""
-        if self.kernels_bound and ops is None and not block_int8:
+        and give them to every module. Called once the weights are placed (each `Linear`'s form
+        is chosen then too: `nucleus.loaders.build_transformer`); later calls without arguments
+        keep the choice."""
+        if self.kernels_bound and ops is None:
             return
         weight = self.tok_embeddings.weight
         ops = ops or select_ops(weight.device, weight.dtype, self.max_positions)
@@ -183,12 +164,6 @@ class Transformer(nn.Module):
             if hasattr(module, "ops"):
                 module.ops = ops
         self.kernels_bound = True
-        if block_int8 and ops.name == "cpu":
-            for name, module in self.named_modules():
-                if isinstance(module, Linear):
-                    packed = fuse_block_int8(module, self.checkpoint_name(name), block_int8)
-                    if packed is not None:
-                        module.use_block_int8(packed)
 
     def checkpoint_name(self, module_name: str) -> str:
         """Where a module's weight lives in a checkpoint: the output head of a model with tied

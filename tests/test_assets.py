@@ -64,10 +64,20 @@ def test_fetch_then_reuse_cache(fake):
     assert fake.calls == 1
     assert asset_path("fake") == path
     assert fake.calls == 1  # cached, with the right hash: no second download
-    assets._verified.clear()  # a new process re-hashes the cached file, still no download
+    assets._verified.clear()  # a new process trusts the stamp the check left, still no download
     assert asset_path("fake") == path
     assert fake.calls == 1
-    assert sorted(p.name for p in path.parent.iterdir()) == ["data.bin"]  # no temporary files
+    # no temporary files; the stamp records the checked hash, size and mtime
+    assert sorted(p.name for p in path.parent.iterdir()) == ["data.bin", "data.bin.verified"]
+
+
+def test_a_later_process_does_not_hash_the_cached_file_again(fake, monkeypatch):
+    path = asset_path("fake")
+    assets._verified.clear()
+    hashed = []
+    monkeypatch.setattr(assets, "_sha256", lambda p: hashed.append(p) or "")
+    assert asset_path("fake") == path
+    assert hashed == []
 
 
 def test_a_file_of_a_source_archive(fake, tmp_path, monkeypatch):

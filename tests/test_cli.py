@@ -202,6 +202,25 @@ def test_generate_streams(default_model):
 
 
 @pytest.mark.slow
+def test_generate_on_the_cpu_imports_no_torch_server_or_jit(default_model):
+    """The default model on the CPU runs the C forward pass: the command imports only what it
+    uses (`-X importtime` lists every module imported)."""
+    command = ["generate", "--max-tokens", "2", "--device", "cpu", "Hello"]
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nucleus", *command],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    for heavy in ("torch", "transformers", "fastapi", "uvicorn", "triton", "gguf", "tqdm"):
+        assert heavy not in imported, heavy
+    assert "nucleus.kernels.library" in imported
+
+
+@pytest.mark.slow
 def test_ctrl_c_exits_130_without_traceback(default_model):
     proc = popen("generate", "Once upon a time", "--max-tokens", "400", "--seed", "0")
     proc.stdin.close()
@@ -215,8 +234,16 @@ def test_ctrl_c_exits_130_without_traceback(default_model):
 
 @pytest.mark.slow
 def test_chat_one_shot(default_model):
+    """`--exact`: the float32 model, whose greedy answer is known (the default 8-bit path answers
+    as llama.cpp does: tests/cpu/test_llamacpp_agreement.py)."""
     result = nucleus(
-        "chat", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24"
+        "chat",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--exact",
     )
     assert result.returncode == 0, result.stderr
     assert_clean_stderr(result.stderr)
@@ -227,7 +254,7 @@ def test_chat_one_shot(default_model):
 def test_chat_interactive_keeps_history(default_model):
     """Turn by turn through stdin: each answer comes before the next message is written, the
     second question ("that city") can only be answered from the first, and /exit ends it."""
-    proc = popen("chat", "--temperature", "0", "--max-tokens", "24")
+    proc = popen("chat", "--temperature", "0", "--max-tokens", "24", "--exact")
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:

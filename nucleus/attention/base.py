@@ -12,6 +12,7 @@ inside a captured CUDA graph also build decode metadata over the runner's static
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from nucleus.config import ModelConfig
 from nucleus.distributed.layers import local_units
+from nucleus.engine.kv_budget import lazy_zeros
 
 
 @dataclass
@@ -44,10 +46,7 @@ class KVCache:
     ) -> KVCache:
         n_kv = local_units(config.n_kv_heads, world_size)
         shape = (config.n_layers, num_blocks, block_size, n_kv, config.head_dim)
-        return cls(
-            k=torch.zeros(shape, dtype=dtype, device=device),
-            v=torch.zeros(shape, dtype=dtype, device=device),
-        )
+        return cls(k=_zeros(shape, dtype, device), v=_zeros(shape, dtype, device))
 
     @staticmethod
     def bytes_per_block(
@@ -69,6 +68,15 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros; on the CPU as pages the OS maps lazily (`kv_budget.lazy_zeros`), so a cache of
+    gigabytes costs memory only as it fills."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(lazy_zeros(nbytes)).view(dtype).view(shape)
 
 
 def long_tensor(values: list | np.ndarray, device: torch.device | str) -> torch.Tensor:

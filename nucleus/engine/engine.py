@@ -13,21 +13,25 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from nucleus.config import ModelConfig
+from nucleus.cpu.model import CpuModel
 from nucleus.engine.block_manager import BlockManager
 from nucleus.engine.detokenizer import IncrementalDetokenizer
-from nucleus.engine.runner import ModelRunner, StepHandle, auto_num_blocks
 from nucleus.engine.scheduler import ScheduledBatch, Scheduler
 from nucleus.engine.sequence import Sequence, SequenceStatus
-from nucleus.engine.structured import StructuredOutputs
-from nucleus.model import Transformer
 from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nucleus.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from nucleus.distributed.workers import WorkerGroup
+    from nucleus.engine.runner import StepHandle
+    from nucleus.engine.structured import StructuredOutputs
+    from nucleus.model import Transformer
+
+# torch, the model runner and structured outputs are imported when a torch model or a constrained
+# request needs them: a `CpuModel`'s greedy requests run without torch (`nucleus.cpu.runner`).
 
 # Defaults per device type (docs/scheduling.md says how they were chosen): a GPU step costs about
 # the same from 1 to a few hundred rows (the weights are read once either way), so it takes many
@@ -100,15 +104,17 @@ class LLMEngine:
 
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | CpuModel,
         tokenizer: Any,
         config: EngineConfig | None = None,
         *,
         workers: WorkerGroup | None = None,
     ):
         config = config or EngineConfig()
-        device = model.tok_embeddings.weight.device
-        defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+        device_type = (
+            "cpu" if isinstance(model, CpuModel) else model.tok_embeddings.weight.device.type
+        )
+        defaults = DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
         self.config = config = replace(
             config,
             max_num_seqs=config.max_num_seqs or defaults["max_num_seqs"],
@@ -123,17 +129,11 @@ class LLMEngine:
         mc = model.config
         limit = mc.max_position_embeddings or config.max_model_len or 8192
         self.max_model_len = min(config.max_model_len or limit, limit)
-        kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
-        num_blocks = config.num_kv_blocks or auto_num_blocks(
-            model,
-            block_size=config.block_size,
-            dtype=kv_dtype,
-            device=device,
-            max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            memory_fraction=config.memory_fraction,
-        )
         self.stop_token_ids = frozenset(getattr(tokenizer, "stop_tokens", ()) or ())
+        if isinstance(model, CpuModel):
+            num_blocks, self.runner = self._cpu_runner(model)
+        else:
+            num_blocks, self.runner = self._torch_runner(model, workers)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -148,7 +148,32 @@ class LLMEngine:
             admit_max_wait=config.admit_max_wait,
             context_cost_tokens=context_cost_tokens(mc) if cost is None else (cost or None),
         )
-        self.runner = ModelRunner(
+        self._special_ids = (
+            frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
+            | self.stop_token_ids
+        )
+        self._structured: StructuredOutputs | None = None  # made by the first constrained request
+        self.requests: dict[str, _Request] = {}
+        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    def _torch_runner(self, model: Transformer, workers: WorkerGroup | None) -> tuple[int, Any]:
+        from nucleus.engine.runner import ModelRunner, auto_num_blocks
+
+        config = self.config
+        device = model.tok_embeddings.weight.device
+        kv_dtype = config.kv_dtype or model.tok_embeddings.weight.dtype
+        num_blocks = config.num_kv_blocks or auto_num_blocks(
+            model,
+            block_size=config.block_size,
+            dtype=kv_dtype,
+            device=device,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            memory_fraction=config.memory_fraction,
+        )
+        runner = ModelRunner(
             model,
             num_kv_blocks=num_blocks,
             block_size=config.block_size,
@@ -160,15 +185,38 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             workers=workers,
         )
-        self._special_ids = (
-            frozenset((getattr(tokenizer, "special_tokens", None) or {}).values())
-            | self.stop_token_ids
+        return num_blocks, runner
+
+    def _cpu_runner(self, model: CpuModel) -> tuple[int, Any]:
+        """The C model's runner (a float16 cache, the C attention: no other choice applies)."""
+        from nucleus.cpu.runner import CpuRunner, auto_num_blocks
+
+        config = self.config
+        if config.kv_dtype is not None and str(config.kv_dtype).removeprefix("torch.") != "float16":
+            raise ValueError(f"the CPU GGUF path keeps a float16 KV cache, not {config.kv_dtype}")
+        num_blocks = config.num_kv_blocks or auto_num_blocks(
+            model,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            memory_fraction=config.memory_fraction,
         )
-        self.structured = StructuredOutputs(tokenizer, model.config.vocab_size)
-        self.requests: dict[str, _Request] = {}
-        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, not processed
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
+        runner = CpuRunner(
+            model,
+            num_kv_blocks=num_blocks,
+            block_size=config.block_size,
+            stop_token_ids=self.stop_token_ids,
+        )
+        return num_blocks, runner
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        """Structured outputs' state (llguidance and torch are imported with it)."""
+        if self._structured is None:
+            from nucleus.engine.structured import StructuredOutputs
+
+            self._structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size)
+        return self._structured
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
@@ -341,9 +389,10 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch) -> StepHandle:
         """Launch a step, its constrained rows' masks computed meanwhile in the worker thread."""
-        masks = self.structured.begin(
-            [batch.seqs[i].grammar for i in batch.sample_indices], self.runner.device
-        )
+        grammars = [batch.seqs[i].grammar for i in batch.sample_indices]
+        masks = None
+        if any(g is not None for g in grammars):
+            masks = self.structured.begin(grammars, self.runner.device)
         try:
             return self.runner.launch(batch, masks=masks)
         finally:

@@ -18,16 +18,16 @@ ahead gets the tokens it reads on the device by a broadcast from this rank).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from nucleus.attention import KVCache, select_backend
+from nucleus.engine import kv_budget
 from nucleus.engine.graphs import DecodeStep
 from nucleus.engine.penalties import PenaltyCounts, has_penalties
-from nucleus.engine.scheduler import ScheduledBatch
+from nucleus.engine.scheduler import ScheduledBatch, StepResult
 from nucleus.engine.sequence import Sequence
 from nucleus.engine.structured import PendingMasks
 from nucleus.model import Transformer
@@ -35,8 +35,6 @@ from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
 
 if TYPE_CHECKING:
     from nucleus.distributed.workers import WorkerGroup
-
-GiB = 1 << 30
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -46,16 +44,6 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
-
-
-@dataclass
-class StepResult:
-    """Per row of the batch: the sampled token (None where nothing was sampled), its raw logprob
-    and top-N alternatives (None unless asked), and an error message for a failed row."""
-
-    token_ids: list[int | None]
-    logprobs: list[dict[int, float] | None] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -134,17 +122,6 @@ class _PromptRows:
     row: int
 
 
-def available_memory_bytes(device: torch.device) -> int:
-    """Free memory on `device`: `cuda.mem_get_info` on CUDA, available RAM elsewhere."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2 * GiB  # unknown platform: a modest guess
-
-
 def auto_num_blocks(
     model: Transformer,
     *,
@@ -154,28 +131,28 @@ def auto_num_blocks(
     max_model_len: int,
     max_num_seqs: int,
     memory_fraction: float | None = None,
-    cpu_cap_bytes: int = 8 * GiB,
 ) -> int:
-    """How many KV blocks to allocate: a fraction of free memory (CUDA: 0.9 of what is free after
-    the weights; CPU: 0.3 of available RAM, at most `cpu_cap_bytes`, shared by the ranks of a
-    tensor-parallel group), never more than `max_num_seqs` full-length sequences need, and never
-    fewer than one sequence needs. Every rank of a group holds as many blocks, of its KV heads."""
+    """How many KV blocks to allocate (`nucleus.engine.kv_budget.num_kv_blocks`): CUDA counts
+    what is free after the weights; the CPU counts available RAM, with a cap, shared by the ranks
+    of a tensor-parallel group. Every rank of a group holds as many blocks, of its KV heads."""
     world = model.tp.world_size
-    per_block = KVCache.bytes_per_block(model.config, block_size, dtype, world)
-    fraction = memory_fraction or (0.9 if device.type == "cuda" else 0.3)
-    budget = int(available_memory_bytes(device) * fraction)
-    if device.type != "cuda":
-        budget = min(budget, cpu_cap_bytes) // world
-    one_seq = -(-max_model_len // block_size)
-    useful = one_seq * max_num_seqs
-    num = min(budget // per_block, useful)
-    if num < one_seq:
-        raise MemoryError(
-            f"the KV cache for one sequence of {max_model_len} tokens needs "
-            f"{one_seq * per_block / GiB:.2f} GiB; only {budget / GiB:.2f} GiB can be used on "
-            f"{device}: lower max_model_len or set num_kv_blocks"
-        )
-    return num
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fraction, cap = memory_fraction or kv_budget.CUDA_FRACTION, None
+    else:
+        free = kv_budget.available_ram_bytes() // world
+        fraction = memory_fraction or kv_budget.CPU_FRACTION
+        cap = kv_budget.CPU_CAP_BYTES // world
+    return kv_budget.num_kv_blocks(
+        bytes_per_block=KVCache.bytes_per_block(model.config, block_size, dtype, world),
+        block_size=block_size,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        free_bytes=free,
+        fraction=fraction,
+        cap_bytes=cap,
+        where=str(device),
+    )
 
 
 class ModelRunner:

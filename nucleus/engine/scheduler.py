@@ -83,6 +83,16 @@ class ScheduledBatch:
         self.needs_sample.append(seq.num_computed_tokens + num_tokens == seq.num_tokens)
 
 
+@dataclass
+class StepResult:
+    """Per row of the batch: the sampled token (None where nothing was sampled), its raw logprob
+    and top-N alternatives (None unless asked), and an error message for a failed row."""
+
+    token_ids: list[int | None]
+    logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+
 class Scheduler:
     def __init__(
         self,

@@ -27,7 +27,6 @@ from typing import Any
 import llguidance
 import numpy as np
 import torch
-from llguidance.torch import fill_next_token_bitmask_par
 
 from nucleus.sampling_params import StructuredOutputsParams
 
@@ -181,6 +180,10 @@ class StructuredOutputs:
         self, jobs: list[tuple[llguidance.LLMatcher, int]], device: torch.device
     ) -> tuple[torch.Tensor, list[int]]:
         """In the worker: the bitmask of every job, then (on the CPU) the bias it gives."""
+        # Imported here: llguidance.torch compiles a function with torch.compile when imported
+        # (seconds), which no unconstrained request should pay for.
+        from llguidance.torch import fill_next_token_bitmask_par
+
         bitmask = torch.zeros(len(jobs), (self.vocab_size + 31) // 32, dtype=torch.int32)
         fill_next_token_bitmask_par(self._executor, jobs, bitmask)
         blocked = (bitmask == 0).all(dim=1).nonzero().flatten().tolist()

@@ -9,132 +9,25 @@ Hot paths torch does not cover well on the CPU:
   float32 matrix, which is what small decode batches are bound by;
 - `elementwise.c`: RMSNorm, the SwiGLU gate and RoPE in one pass each.
 
-Both are plain C with OpenMP (no torch headers, so they build in about a second), cached per
-source, flags and CPU under `$NUCLEUS_CACHE/kernels/`. Without a C compiler, or with
-`NUCLEUS_CPU_KERNELS=0`, nothing is built and the torch paths run: same results, slower.
+They are plain C with OpenMP, built and loaded by `nucleus.kernels.library` (cached per source,
+flags and CPU). Without a C compiler, or with `NUCLEUS_CPU_KERNELS=0`, nothing is built and the
+torch paths run: same results, slower.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from nucleus.assets import cache_dir, file_lock
-
-log = logging.getLogger(__name__)
-
-_HERE = Path(__file__).parent
-_SOURCES = [_HERE / n for n in ("paged_attention.c", "block_linear.c", "elementwise.c")]
-_HEADERS = [_HERE / "simd.h"]
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_unavailable = False
-
-# Tensors are passed as their data pointers (plain ints: cheaper than typed ctypes pointers).
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cpu_signature() -> str:
-    """What `-march=native` depends on: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build(compiler: str) -> Path:
-    source = b"".join(p.read_bytes() for p in [*_SOURCES, *_HEADERS])
-    key = hashlib.sha256(
-        source + " ".join([compiler, *_FLAGS]).encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"nucleus-cpu-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.with_suffix(".lock")):
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run(
-                [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), "-lm"],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            built.replace(target)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    """The compiled library, built on first call; None when CPU kernels are off or cannot build."""
-    global _library, _unavailable
-    if _library is not None or _unavailable:
-        return _library
-    with _lock:
-        if _library is not None or _unavailable:
-            return _library
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if os.environ.get("NUCLEUS_CPU_KERNELS", "1") == "0" or compiler is None:
-            _unavailable = True
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build(compiler)))
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", None) or e
-            log.warning("CPU kernels unavailable, using the torch paths: %s", detail)
-            _unavailable = True
-            return None
-        fn = lib.paged_decode_attention_f32
-        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64]
-        fn.argtypes += [_i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        fn = lib.paged_prefill_attention_f32
-        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
-        fn.argtypes += [_i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        fn = lib.block_int8_linear_f32
-        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        lib.rms_norm_f32.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
-        lib.rms_norm_f32.restype = None
-        lib.silu_mul_f32.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
-        lib.silu_mul_f32.restype = None
-        lib.rotary_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
-        lib.rotary_f32.restype = None
-        lib.write_kv_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
-        lib.write_kv_f32.restype = ctypes.c_int
-        _library = lib
-        return lib
-
-
-def _require_library() -> ctypes.CDLL:
-    """The compiled library, for a kernel wrapper whose caller checked `available()` first."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or turned off)")
-    return lib
+from nucleus.kernels import library
 
 
 def available() -> bool:
     """Whether the CPU kernels can run here (a C compiler, and not turned off): checked once, when
     a model's ops and attention backend are chosen (`nucleus.ops`, `nucleus.attention`)."""
-    return _load() is not None
+    return library.load() is not None
 
 
 def _paged_attention_call(kernel, q, cache_k, cache_v, out, *layout) -> None:
@@ -178,7 +71,7 @@ def paged_decode_attention(
     lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     _paged_attention_call(
-        _require_library().paged_decode_attention_f32,
+        library.require().paged_decode_attention_f32,
         q,
         cache_k,
         cache_v,
@@ -209,7 +102,7 @@ def paged_prefill_attention(
     starts, q_lens, context_lens = (chunks[:, i].contiguous() for i in range(3))
     tables = block_tables.to(torch.int64).contiguous()
     _paged_attention_call(
-        _require_library().paged_prefill_attention_f32,
+        library.require().paged_prefill_attention_f32,
         q.contiguous(),
         cache_k,
         cache_v,
@@ -271,7 +164,7 @@ class BlockInt8Weight:
 def block_int8_linear(x: torch.Tensor, weight: BlockInt8Weight) -> torch.Tensor:
     """`x (..., K) @ W.T` for a block-int8 `W (N, K)`, float32: `F.linear(x, weight.dequantize())`
     up to summation order (leading dimensions kept, as `F.linear` keeps them)."""
-    lib = _require_library()
+    lib = library.require()
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
@@ -299,7 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x**2, -1) + eps) * weight` over the last dimension, in one pass."""
     out = torch.empty_like(x)
     dim = x.shape[-1]
-    _require_library().rms_norm_f32(
+    library.require().rms_norm_f32(
         x.data_ptr(),
         weight.data_ptr(),
         out.data_ptr(),
@@ -317,7 +210,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if two_h % 2 or not gate_up.is_contiguous():
         raise ValueError(f"expected contiguous [gate | up] rows, got {tuple(gate_up.shape)}")
     out = gate_up.new_empty(tokens, two_h // 2)
-    _require_library().silu_mul_f32(
+    library.require().silu_mul_f32(
         gate_up.data_ptr(), out.data_ptr(), tokens, two_h // 2, torch.get_num_threads()
     )
     return out
@@ -332,7 +225,7 @@ def rotary_(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"freqs_cis {tuple(freqs_cis.shape)} does not fit x {tuple(x.shape)}")
     if x.stride(2) != 1 or x.stride(1) != head_dim or not freqs_cis.is_contiguous():
         raise ValueError("rotary_ needs each token's heads contiguous and a contiguous freqs_cis")
-    _require_library().rotary_f32(
+    library.require().rotary_f32(
         x.data_ptr(),
         freqs_cis.data_ptr(),
         tokens,
@@ -357,7 +250,7 @@ def write_kv(
         raise ValueError("slot_mapping must be contiguous int64")
     num_slots = cache_k.shape[0] * cache_k.shape[1]
     row = k.shape[1] * k.shape[2]
-    status = _require_library().write_kv_f32(
+    status = library.require().write_kv_f32(
         k.data_ptr(),
         v.data_ptr(),
         cache_k.data_ptr(),

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -31,6 +32,51 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     for (; i < n; i++) total += a[i] * b[i];
     return total;
 }
+
+#ifdef __AVX2__
+/* dot(a, k[i], n) for 8 rows k[i] at once, n a multiple of 16, each summed in `dot`'s order: two
+ * accumulators, added, then the 8 lanes as hsum8 adds them ((0+4)+(2+6)) + ((1+5)+(3+7)), the
+ * reductions of the 8 done side by side. */
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t i, const int F16) {
+#ifdef __F16C__
+    if (F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+#endif
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* `k` are 8 rows of float32, or of float16 with F16 (widened as they are read). */
+static inline __attribute__((always_inline)) __m256 dot8_of(const float *a, const void *const *k,
+                                                            int64_t n, const int F16) {
+    __m256 v[8];
+    for (int i = 0; i < 8; i++) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < n; d += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(k[i], d, F16), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), load8(k[i], d + 8, F16), s1);
+        }
+        v[i] = _mm256_add_ps(s0, s1);
+    }
+    /* lanes l and l + 4 of each: [v0 | v1] pairs -> x_i = (l0+l4, l1+l5, l2+l6, l3+l7) */
+    __m256 x[4];
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    /* (x0 + x2), (x1 + x3) of each, then their sum */
+    const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* y0 = [v0: a b | v2: a b | v1: a b | v3: a b] (a = x0+x2, b = x1+x3); likewise y1 for 4-7 */
+    const __m256 z = _mm256_add_ps(_mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* z = [v0 v2 v4 v6 | v1 v3 v5 v7]: into order */
+    return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline __m256 dot8(const float *a, const float *const *k, int64_t n) {
+    return dot8_of(a, (const void *const *)k, n, 0);
+}
+#endif
 
 /* row[i] = exp(row[i] - max(row)) / sum, in place. */
 static void softmax(float *row, int64_t n) {
@@ -56,6 +102,186 @@ static void softmax(float *row, int64_t n) {
     for (i = 0; i < n; i++) row[i] *= inv;
 }
 
+/* The query heads of KV head g of one decode row: scores against every cached key of the
+ * sequence, softmax, the probability-weighted sum of the values. scores: group * context. */
+static void decode_task_f32(const float *q, const float *k_cache, const float *v_cache,
+                            float *out, const int64_t *table, int64_t context, int64_t g,
+                            const attn_shape *shape, float *scores) {
+    const int64_t head_dim = shape->head_dim, block_size = shape->block_size;
+    const int64_t group = shape->n_heads / shape->n_kv_heads;
+    const int64_t row_stride = shape->n_kv_heads * head_dim; /* one position, every KV head */
+    const int64_t block_stride = block_size * row_stride;
+    const int64_t kv_offset = g * head_dim;
+
+    int64_t pos = 0;
+#ifdef __AVX2__
+    if (head_dim % 16 == 0) /* eight positions at a time, summed as `dot` sums one */
+        for (; pos + 8 <= context; pos += 8) {
+            const float *k[8];
+            for (int i = 0; i < 8; i++)
+                k[i] = k_cache + table[(pos + i) / block_size] * block_stride +
+                       ((pos + i) % block_size) * row_stride + kv_offset;
+            for (int64_t j = 0; j < group; j++) {
+                const __m256 s = _mm256_mul_ps(dot8(q + (g * group + j) * head_dim, k, head_dim),
+                                               _mm256_set1_ps(shape->scale));
+                _mm256_storeu_ps(scores + j * context + pos, s);
+            }
+        }
+#endif
+    for (; pos < context; pos++) {
+        const float *k = k_cache + table[pos / block_size] * block_stride +
+                         (pos % block_size) * row_stride + kv_offset;
+        for (int64_t j = 0; j < group; j++)
+            scores[j * context + pos] =
+                dot(q + (g * group + j) * head_dim, k, head_dim) * shape->scale;
+    }
+    for (int64_t j = 0; j < group; j++) softmax(scores + j * context, context);
+
+    for (int64_t j = 0; j < group; j++) {
+        const float *p = scores + j * context;
+        float *o = out + (g * group + j) * head_dim;
+        int64_t d = 0;
+#ifdef __AVX2__
+        for (; d + 32 <= head_dim; d += 32) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t pos = 0; pos < context; pos++) {
+                const float *v = v_cache + table[pos / block_size] * block_stride +
+                                 (pos % block_size) * row_stride + kv_offset + d;
+                const __m256 pp = _mm256_set1_ps(p[pos]);
+                a0 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v), a0);
+                a1 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 8), a1);
+                a2 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 16), a2);
+                a3 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 24), a3);
+            }
+            _mm256_storeu_ps(o + d, a0);
+            _mm256_storeu_ps(o + d + 8, a1);
+            _mm256_storeu_ps(o + d + 16, a2);
+            _mm256_storeu_ps(o + d + 24, a3);
+        }
+#endif
+        for (; d < head_dim; d++) {
+            float acc = 0.0f;
+            for (int64_t pos = 0; pos < context; pos++)
+                acc += p[pos] * v_cache[table[pos / block_size] * block_stride +
+                                        (pos % block_size) * row_stride + kv_offset + d];
+            o[d] = acc;
+        }
+    }
+}
+
+/* decode_task_f32 over a float16 cache: the keys and values widened as they are read, the
+ * probabilities rounded to float16 before they weight the values (llama.cpp's arithmetic). */
+static void decode_task_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                            float *out, const int64_t *table, int64_t context, int64_t g,
+                            const attn_shape *shape, float *scores) {
+    const int64_t head_dim = shape->head_dim, block_size = shape->block_size;
+    const int64_t group = shape->n_heads / shape->n_kv_heads;
+    const int64_t row_stride = shape->n_kv_heads * head_dim;
+    const int64_t block_stride = block_size * row_stride;
+    const int64_t kv_offset = g * head_dim;
+#define KV_ROW(pos) (table[(pos) / block_size] * block_stride + ((pos) % block_size) * row_stride + kv_offset)
+
+    int64_t pos = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    if (head_dim % 16 == 0)
+        for (; pos + 8 <= context; pos += 8) {
+            const void *k[8];
+            for (int i = 0; i < 8; i++) k[i] = k_cache + KV_ROW(pos + i);
+            for (int64_t j = 0; j < group; j++) {
+                const __m256 s = dot8_of(q + (g * group + j) * head_dim, k, head_dim, 1);
+                _mm256_storeu_ps(scores + j * context + pos,
+                                 _mm256_mul_ps(s, _mm256_set1_ps(shape->scale)));
+            }
+        }
+#endif
+    for (; pos < context; pos++) {
+        const uint16_t *k = k_cache + KV_ROW(pos);
+        for (int64_t j = 0; j < group; j++) {
+            const float *qj = q + (g * group + j) * head_dim;
+            int64_t d = 0;
+            float total = 0.0f;
+#if defined(__AVX2__) && defined(__F16C__)
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (; d + 16 <= head_dim; d += 16) {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d),
+                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d + 8),
+                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d + 8))), s1);
+            }
+            total = hsum8(_mm256_add_ps(s0, s1));
+#endif
+            for (; d < head_dim; d++) total += qj[d] * fp16_to_f32(k + d);
+            scores[j * context + pos] = total * shape->scale;
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {
+        float *p = scores + j * context;
+        softmax(p, context);
+        for (int64_t pos = 0; pos < context; pos++) p[pos] = round_to_f16(p[pos]);
+    }
+
+    for (int64_t j = 0; j < group; j++) {
+        const float *p = scores + j * context;
+        float *o = out + (g * group + j) * head_dim;
+        int64_t d = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+        for (; d + 32 <= head_dim; d += 32) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t pos = 0; pos < context; pos++) {
+                const __m128i *v = (const __m128i *)(v_cache + KV_ROW(pos) + d);
+                const __m256 pp = _mm256_set1_ps(p[pos]);
+                a0 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v)), a0);
+                a1 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v + 1)), a1);
+                a2 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v + 2)), a2);
+                a3 = _mm256_fmadd_ps(pp, _mm256_cvtph_ps(_mm_loadu_si128(v + 3)), a3);
+            }
+            _mm256_storeu_ps(o + d, a0);
+            _mm256_storeu_ps(o + d + 8, a1);
+            _mm256_storeu_ps(o + d + 16, a2);
+            _mm256_storeu_ps(o + d + 24, a3);
+        }
+#endif
+        for (; d < head_dim; d++) {
+            float acc = 0.0f;
+            for (int64_t pos = 0; pos < context; pos++)
+                acc += p[pos] * fp16_to_f32(v_cache + KV_ROW(pos) + d);
+            o[d] = acc;
+        }
+    }
+#undef KV_ROW
+}
+
+void decode_task(const float *q, const void *k_cache, const void *v_cache, float *out,
+                 const int64_t *table, int64_t context, int64_t g, const attn_shape *shape,
+                 float *scores) {
+    if (shape->kv_f16)
+        decode_task_f16(q, k_cache, v_cache, out, table, context, g, shape, scores);
+    else
+        decode_task_f32(q, k_cache, v_cache, out, table, context, g, shape, scores);
+}
+
+static inline int64_t seq_at(const attn_seqs *seqs, int64_t i) {
+    return seqs->which ? seqs->which[i] : i;
+}
+
+static inline int64_t row_of(const attn_seqs *seqs, int64_t s) {
+    return seqs->start ? seqs->start[s] : s;
+}
+
+void decode_attention_body(team *t, const float *q, const void *k_cache, const void *v_cache,
+                           float *out, const attn_seqs *seqs, const attn_shape *shape,
+                           float *scores) {
+    const int64_t n_kv = shape->n_kv_heads, row = shape->n_heads * shape->head_dim;
+    const int64_t tasks = seqs->count * n_kv;
+    for (int64_t task; (task = team_next(t, tasks)) >= 0;) {
+        const int64_t s = seq_at(seqs, task / n_kv), r = row_of(seqs, s);
+        decode_task(q + r * row, k_cache, v_cache, out + r * row,
+                    seqs->block_tables + s * seqs->table_width, seqs->context_len[s],
+                    task % n_kv, shape, scores);
+    }
+    team_next_done(t, tasks);
+}
+
 /* q, out: (num_seqs, n_heads, head_dim); k_cache, v_cache: one layer,
  * (num_blocks, block_size, n_kv_heads, head_dim); block_tables: (num_seqs, table_width);
  * context_lens: (num_seqs,), each >= 1. Query heads [g * group, (g + 1) * group) read KV head g.
@@ -65,70 +291,23 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                                const int64_t *context_lens, int64_t num_seqs, int64_t n_heads,
                                int64_t n_kv_heads, int64_t head_dim, int64_t block_size,
                                float scale, int num_threads) {
-    const int64_t group = n_heads / n_kv_heads;
-    const int64_t row_stride = n_kv_heads * head_dim; /* one position, every KV head */
-    const int64_t block_stride = block_size * row_stride;
+    const attn_shape shape = {n_heads, n_kv_heads, head_dim, block_size, scale, 0};
+    const attn_seqs seqs = {NULL, NULL, context_lens, block_tables, NULL, table_width, num_seqs};
     int64_t max_context = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (context_lens[s] > max_context) max_context = context_lens[s];
-    int failed = 0;
-
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    const int64_t per_thread = (n_heads / n_kv_heads) * max_context;
+    float *scores = malloc(sizeof(float) * per_thread * (num_threads > 0 ? num_threads : 1));
+    if (!scores) return -1;
+    team_shared shared = {0};
+#pragma omp parallel num_threads(num_threads)
     {
-        float *scores = malloc(sizeof(float) * n_heads * max_context);
-        if (!scores) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < num_seqs; s++) {
-            if (!scores) continue;
-            const int64_t context = context_lens[s];
-            const int64_t *table = block_tables + s * table_width;
-            const float *qs = q + s * n_heads * head_dim;
-            float *os = out + s * n_heads * head_dim;
-
-            for (int64_t pos = 0; pos < context; pos++) {
-                const float *k = k_cache + table[pos / block_size] * block_stride +
-                                 (pos % block_size) * row_stride;
-                for (int64_t h = 0; h < n_heads; h++)
-                    scores[h * context + pos] =
-                        dot(qs + h * head_dim, k + (h / group) * head_dim, head_dim) * scale;
-            }
-            for (int64_t h = 0; h < n_heads; h++) softmax(scores + h * context, context);
-
-            for (int64_t h = 0; h < n_heads; h++) {
-                const float *p = scores + h * context;
-                const int64_t v_offset = (h / group) * head_dim;
-                float *o = os + h * head_dim;
-                int64_t d = 0;
-#ifdef __AVX2__
-                for (; d + 32 <= head_dim; d += 32) {
-                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                    for (int64_t pos = 0; pos < context; pos++) {
-                        const float *v = v_cache + table[pos / block_size] * block_stride +
-                                         (pos % block_size) * row_stride + v_offset + d;
-                        const __m256 pp = _mm256_set1_ps(p[pos]);
-                        a0 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v), a0);
-                        a1 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 8), a1);
-                        a2 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 16), a2);
-                        a3 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 24), a3);
-                    }
-                    _mm256_storeu_ps(o + d, a0);
-                    _mm256_storeu_ps(o + d + 8, a1);
-                    _mm256_storeu_ps(o + d + 16, a2);
-                    _mm256_storeu_ps(o + d + 24, a3);
-                }
-#endif
-                for (; d < head_dim; d++) {
-                    float acc = 0.0f;
-                    for (int64_t pos = 0; pos < context; pos++)
-                        acc += p[pos] * v_cache[table[pos / block_size] * block_stride +
-                                                (pos % block_size) * row_stride + v_offset + d];
-                    o[d] = acc;
-                }
-            }
-        }
-        free(scores);
+        team t = team_join(&shared);
+        decode_attention_body(&t, q, k_cache, v_cache, out, &seqs, &shape,
+                              scores + t.ith * per_thread);
     }
-    return failed ? -1 : 0;
+    free(scores);
+    return 0;
 }
 
 /* Store new keys and values k, v (T, row) at cache rows slots[t] of cache_k, cache_v
@@ -228,7 +407,7 @@ static inline __attribute__((always_inline)) void value_tile(const float *p, int
 static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld,
                          const float *const *v_rows, float *s, int64_t row0, int64_t rows,
                          int64_t g, int64_t group, int64_t first_pos, int64_t n_heads,
-                         int64_t head_dim, float scale) {
+                         int64_t head_dim, float scale, int round_p) {
     const float *qr[MR];
     float *orow[MR];
     int64_t visible[MR] = {0}; /* how many keys row r sees: its position + 1 */
@@ -242,7 +421,11 @@ static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld
 
     for (int64_t j0 = 0; j0 < keys_max; j0 += NR)
         BY_ROWS(rows, score_tile, qr, kt + j0, ld, head_dim, scale, s + j0)
-    for (int64_t r = 0; r < rows; r++) softmax(s + r * ld, visible[r]);
+    for (int64_t r = 0; r < rows; r++) {
+        softmax(s + r * ld, visible[r]);
+        if (round_p)
+            for (int64_t j = 0; j < visible[r]; j++) s[r * ld + j] = round_to_f16(s[r * ld + j]);
+    }
 
     /* Keys every row of the tile sees go through the register tile; the few after them (the
      * diagonal) are added row by row, so no row reads a value it must not see. */
@@ -251,6 +434,62 @@ static void prefill_tile(const float *q, float *out, const float *kt, int64_t ld
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = keys_min; j < visible[r]; j++)
             for (int64_t d = 0; d < head_dim; d++) orow[r][d] += s[r * ld + j] * v_rows[j][d];
+}
+
+int64_t prefill_scratch_ld(int64_t max_context) { return (max_context + NR - 1) / NR * NR; }
+
+void prefill_attention_body(team *t, const float *q, const void *k_cache, const void *v_cache,
+                            float *out, const attn_seqs *seqs, const attn_shape *shape, float *kt,
+                            float *vt, const float **v_rows, int64_t ld, float *s) {
+    const int64_t n_heads = shape->n_heads, n_kv_heads = shape->n_kv_heads;
+    const int64_t head_dim = shape->head_dim, block_size = shape->block_size;
+    const int64_t group = n_heads / n_kv_heads;
+    const int64_t row_stride = n_kv_heads * head_dim;
+    const int64_t block_stride = block_size * row_stride;
+    for (int64_t i = 0; i < seqs->count; i++) {
+        const int64_t c = seq_at(seqs, i);
+        const int64_t context = seqs->context_len[c], first_pos = context - seqs->q_len[c];
+        const int64_t *table = seqs->block_tables + c * seqs->table_width;
+        const int64_t rows = seqs->q_len[c] * group, tiles = (rows + MR - 1) / MR;
+        const float *qc = q + row_of(seqs, c) * n_heads * head_dim;
+        float *oc = out + row_of(seqs, c) * n_heads * head_dim;
+
+        int64_t lo, hi;
+        team_range(t, context, &lo, &hi);
+        for (int64_t j = lo; j < hi; j++) {
+            const int64_t slot = table[j / block_size] * block_stride +
+                                 (j % block_size) * row_stride;
+            for (int64_t g = 0; g < n_kv_heads; g++) {
+                float *ktg = kt + g * head_dim * ld;
+                if (shape->kv_f16) { /* widened: keys transposed, values into vt */
+                    const uint16_t *k = (const uint16_t *)k_cache + slot + g * head_dim;
+                    const uint16_t *v = (const uint16_t *)v_cache + slot + g * head_dim;
+                    float *vrow = vt + (g * ld + j) * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) {
+                        ktg[d * ld + j] = fp16_to_f32(k + d);
+                        vrow[d] = fp16_to_f32(v + d);
+                    }
+                    v_rows[g * ld + j] = vrow;
+                } else {
+                    const float *k = (const float *)k_cache + slot + g * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) ktg[d * ld + j] = k[d];
+                    v_rows[g * ld + j] = (const float *)v_cache + slot + g * head_dim;
+                }
+            }
+        }
+        team_barrier(t);
+        /* Later tiles see more keys: hand them out first. */
+        const int64_t tasks = n_kv_heads * tiles;
+        for (int64_t next; (next = team_next(t, tasks)) >= 0;) {
+            const int64_t task = tasks - 1 - next;
+            const int64_t g = task / tiles, row0 = (task % tiles) * MR;
+            const int64_t n = rows - row0 < MR ? rows - row0 : MR;
+            prefill_tile(qc, oc, kt + g * head_dim * ld, ld, v_rows + g * ld, s, row0, n, g,
+                         group, first_pos, n_heads, head_dim, shape->scale, shape->kv_f16);
+        }
+        team_next_done(t, tasks);
+        team_barrier(t); /* before the next chunk's keys take the scratch */
+    }
 }
 
 /* Causal attention of prefill chunks, reading the paged cache in place. Chunk c has q_lens[c]
@@ -265,57 +504,28 @@ int paged_prefill_attention_f32(const float *q, const float *k_cache, const floa
                                 int64_t table_width, int64_t num_chunks, int64_t n_heads,
                                 int64_t n_kv_heads, int64_t head_dim, int64_t block_size,
                                 float scale, int num_threads) {
-    const int64_t group = n_heads / n_kv_heads;
-    const int64_t row_stride = n_kv_heads * head_dim;
-    const int64_t block_stride = block_size * row_stride;
+    const attn_shape shape = {n_heads, n_kv_heads, head_dim, block_size, scale, 0};
+    const attn_seqs seqs = {starts, q_lens, context_lens, block_tables, NULL, table_width,
+                            num_chunks};
     int64_t max_context = 1;
     for (int64_t c = 0; c < num_chunks; c++)
         if (context_lens[c] > max_context) max_context = context_lens[c];
-    const int64_t ld = (max_context + NR - 1) / NR * NR;
+    const int64_t ld = prefill_scratch_ld(max_context);
     float *kt = calloc((size_t)(n_kv_heads * head_dim * ld), sizeof(float));
     const float **v_rows = malloc(sizeof(float *) * n_kv_heads * ld);
-    if (!kt || !v_rows) {
-        free(kt);
-        free(v_rows);
-        return -1;
-    }
-    int failed = 0;
-
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
-    {
-        float *s = malloc(sizeof(float) * MR * ld);
-        if (!s) failed = 1;
-        for (int64_t c = 0; c < num_chunks; c++) {
-            const int64_t context = context_lens[c], first_pos = context - q_lens[c];
-            const int64_t *table = block_tables + c * table_width;
-            const int64_t rows = q_lens[c] * group, tiles = (rows + MR - 1) / MR;
-            const float *qc = q + starts[c] * n_heads * head_dim;
-            float *oc = out + starts[c] * n_heads * head_dim;
-
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < context; j++) {
-                const int64_t slot = table[j / block_size] * block_stride +
-                                     (j % block_size) * row_stride;
-                for (int64_t g = 0; g < n_kv_heads; g++) {
-                    const float *k = k_cache + slot + g * head_dim;
-                    float *ktg = kt + g * head_dim * ld;
-                    for (int64_t d = 0; d < head_dim; d++) ktg[d * ld + j] = k[d];
-                    v_rows[g * ld + j] = v_cache + slot + g * head_dim;
-                }
-            }
-            /* Later tiles see more keys: hand them out first. */
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t task = n_kv_heads * tiles - 1; task >= 0; task--) {
-                if (!s) continue;
-                const int64_t g = task / tiles, row0 = (task % tiles) * MR;
-                const int64_t n = rows - row0 < MR ? rows - row0 : MR;
-                prefill_tile(qc, oc, kt + g * head_dim * ld, ld, v_rows + g * ld, s, row0, n, g,
-                             group, first_pos, n_heads, head_dim, scale);
-            }
+    float *s = malloc(sizeof(float) * MR * ld * (num_threads > 0 ? num_threads : 1));
+    const int ok = kt && v_rows && s;
+    if (ok) {
+        team_shared shared = {0};
+#pragma omp parallel num_threads(num_threads)
+        {
+            team t = team_join(&shared);
+            prefill_attention_body(&t, q, k_cache, v_cache, out, &seqs, &shape, kt, NULL, v_rows,
+                                   ld, s + t.ith * MR * ld);
         }
-        free(s);
     }
     free(kt);
     free(v_rows);
-    return failed ? -1 : 0;
+    free(s);
+    return ok ? 0 : -1;
 }

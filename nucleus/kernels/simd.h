@@ -1,6 +1,61 @@
-/* AVX2 helpers shared by the C sources of the CPU kernels (nucleus/kernels). */
+/* Helpers shared by the C sources of the CPU kernels (nucleus/kernels): float16 conversions, and
+ * AVX2 ones. */
 #ifndef NUCLEUS_SIMD_H
 #define NUCLEUS_SIMD_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* The float16 at p (little-endian, unaligned) as a float. */
+static inline float fp16_to_f32(const void *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    float v;
+    if (exp == 0) v = ldexpf((float)man, -24);
+    else if (exp == 31) v = man ? NAN : INFINITY;
+    else v = ldexpf((float)(man | 0x400), (int)exp - 25);
+    return (h & 0x8000) ? -v : v;
+#endif
+}
+
+/* x rounded to the nearest float16 value (ties to even), as a float. */
+static inline float round_to_f16(float x) {
+#ifdef __F16C__
+    return _cvtsh_ss(_cvtss_sh(x, 0));
+#else
+    if (x == 0.0f || !isfinite(x)) return x;
+    int e;
+    frexpf(x, &e);
+    const int quantum = e - 11 > -24 ? e - 11 : -24;
+    const float r = ldexpf(nearbyintf(ldexpf(x, -quantum)), quantum);
+    return fabsf(r) > 65504.0f ? copysignf(INFINITY, x) : r;
+#endif
+}
+
+/* The float16 bits of x, rounded to nearest (ties to even). */
+static inline uint16_t f32_to_fp16(float x) {
+#ifdef __F16C__
+    return _cvtss_sh(x, 0);
+#else
+    const float r = round_to_f16(x), a = fabsf(r);
+    const uint16_t sign = signbit(r) ? 0x8000 : 0;
+    if (isnan(a)) return sign | 0x7E00;
+    if (isinf(a)) return sign | 0x7C00;
+    if (a < 6.103515625e-05f) return sign | (uint16_t)(a * 16777216.0f); /* subnormal: a / 2^-24 */
+    int e;
+    const float m = frexpf(a, &e); /* a = m 2^e, m in [0.5, 1) */
+    return sign | (uint16_t)((e + 14) << 10) | (uint16_t)(m * 2048.0f - 1024.0f);
+#endif
+}
 
 #ifdef __AVX2__
 #include <immintrin.h>

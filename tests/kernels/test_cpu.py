@@ -13,7 +13,7 @@ import pytest
 import torch
 from steps import paged_cache
 
-from nucleus.attention import KVCache, ReferenceBackend, TorchBackend, select_backend
+from nucleus.attention import KVCache, ReferenceBackend
 from nucleus.attention.cpu import CpuBackend
 from nucleus.kernels import cpu as cpu_kernels
 from nucleus.kernels.cpu import BlockInt8Weight, block_int8_linear, paged_decode_attention
@@ -180,41 +180,6 @@ def test_prefill_attention_needs_a_head_size_of_a_multiple_of_16():
     ).prefill_kernel
     ours, ref = _planned_against_reference([5, 9], [5, 20], 4, 1, 24)  # the torch prefill
     assert_close(ours, ref)
-
-
-def test_without_a_compiler_nothing_is_built_and_the_torch_paths_run(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
-    monkeypatch.setenv("NUCLEUS_CPU_KERNELS", "0")
-    from nucleus.ops import select_ops
-
-    assert not cpu_kernels.available()
-    assert select_ops(torch.device("cpu"), torch.float32, 64).name == "torch"
-    kv = KVCache(torch.zeros(1, 1, 16, 1, 64), torch.zeros(1, 1, 16, 1, 64))
-    assert type(select_backend(kv)) is TorchBackend
-
-
-def test_a_failing_compiler_leaves_the_torch_paths(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
-    monkeypatch.setenv("NUCLEUS_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    assert cpu_kernels._load() is None
-    assert "CPU kernels unavailable" in caplog.text
-    assert not list(tmp_path.rglob("*.so"))
-
-
-def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_unavailable", False)
-    monkeypatch.setenv("NUCLEUS_CACHE", str(tmp_path))
-    assert cpu_kernels._load() is not None
-    built = list((tmp_path / "kernels").glob("*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    assert cpu_kernels._load() is not None  # loaded from the cache, not rebuilt
-    assert built[0].stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (7, 64), (300, 576), (2, 3, 40)])
