@@ -40,7 +40,8 @@ from nucleus.distributed import TensorParallel, checkpoint_layout
 from nucleus.distributed.layers import Slot
 from nucleus.engine.engine import EngineConfig, LLMEngine
 from nucleus.llm import LLM
-from nucleus.loaders import Weights, build_transformer
+from nucleus.loaders import build_transformer
+from nucleus.loaders.weights import Weights
 from nucleus.model import Transformer
 from nucleus.sampling_params import SamplingParams
 from nucleus.tokenizer import Tokenizer
