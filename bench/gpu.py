@@ -183,11 +183,11 @@ class LaunchLog:
         self.records: list[tuple[float, str, int, int]] = []
         launch = self.runner.launch
 
-        def logged(batch, after=None):
+        def logged(batch, after=None, **options):
             prefill = any(n > 1 for n in batch.num_tokens)
             kind = "prefill/mixed" if prefill else ("decode ahead" if after else "decode")
             self.records.append((time.perf_counter(), kind, len(batch), sum(batch.num_tokens)))
-            return launch(batch, after)
+            return launch(batch, after, **options)
 
         self.runner.launch = logged
 
