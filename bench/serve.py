@@ -99,7 +99,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
                 return RequestResult(
                     False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 )
-            async for line in r.aiter_lines():
+            async for line in _sse_lines(r):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -120,6 +120,18 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     if first is None:
         return RequestResult(False, error="no text")
     return RequestResult(True, ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+
+
+async def _sse_lines(response: httpx.Response):
+    """The lines of an event stream, which ends lines with LF (or CR LF) only: httpx's
+    `aiter_lines` also splits on U+2028 and the like, which may occur inside a chunk's text."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 async def _level(url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int):
@@ -186,6 +198,8 @@ def _offline(args: argparse.Namespace, level: LevelResult) -> dict:
     for flag in args.server_arg:
         if flag.startswith("--max-num-seqs="):
             options["max_num_seqs"] = int(flag.split("=", 1)[1])
+        elif flag.startswith("--dtype="):
+            options["dtype"] = flag.split("=", 1)[1]
     llm = LLM(args.model, **options)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(level.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True)

@@ -266,7 +266,7 @@ def test_masks_of_a_step_and_rows_with_nothing_allowed(tokenizer, monkeypatch):
     def fill_nothing(executor, jobs, bitmask):  # as if no token were allowed anywhere
         bitmask.zero_()
 
-    monkeypatch.setattr("nucleus.engine.structured.fill_next_token_bitmask_par", fill_nothing)
+    monkeypatch.setattr("llguidance.torch.fill_next_token_bitmask_par", fill_nothing)
     pending = structured.begin([None, good], torch.device("cpu"))
     pending.wait("cpu")
     assert pending.blocked == {1}
