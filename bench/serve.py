@@ -61,6 +61,11 @@ class LevelResult:
     itl_ms: dict[str, float]
     tpot_ms: dict[str, float]
     e2e_ms: dict[str, float]
+    client_processes: int = 1
+    # CPU seconds per second of the level: the busiest client process (near 1: the clients may be
+    # the limit), and the server process (all its threads; None: a server not started here).
+    client_cpu_per_process: float = 0.0
+    server_cpu: float | None = None
 
 
 def _pcts(values: list[float]) -> dict[str, float]:
@@ -134,11 +139,15 @@ async def _sse_lines(response: httpx.Response):
         yield pending.removesuffix("\r")
 
 
-async def _level(url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int):
+async def _clients(
+    url: str, headers: dict, model: str, concurrency: int, indices: list[int], max_tokens: int
+) -> tuple[list[RequestResult], float, float]:
+    """`concurrency` streaming clients in this process take the requests `indices` in turn; their
+    results, and the wall-clock start and end (time.perf_counter: one clock for every process)."""
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as c:
         queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(n):
+        for i in indices:
             queue.put_nowait(i)
         results: list[RequestResult] = []
 
@@ -152,7 +161,47 @@ async def _level(url: str, headers: dict, model: str, concurrency: int, n: int, 
 
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
-        duration = time.perf_counter() - start
+        return results, start, time.perf_counter()
+
+
+def _client_process(job: tuple) -> tuple[list[RequestResult], float, float, float]:
+    """One client process of a level: its results, start, end and CPU seconds."""
+    cpu = time.process_time()
+    results, start, end = asyncio.run(_clients(*job))
+    return results, start, end, time.process_time() - cpu
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux), 0 when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
+
+
+def _level(
+    url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int,
+    processes: int = 1, server_pid: int | None = None,
+) -> LevelResult:  # fmt: skip
+    """`concurrency` clients, spread over `processes` client processes (so that parsing the
+    streams in Python is not what limits a level), run `n` requests."""
+    processes = max(1, min(processes, concurrency))
+    jobs = [
+        (url, headers, model, len(range(p, concurrency, processes)), list(range(p, n, processes)),
+         max_tokens)
+        for p in range(processes)
+    ]  # fmt: skip
+    server_cpu = _cpu_seconds(server_pid)
+    if processes == 1:
+        parts = [_client_process(jobs[0])]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.map(_client_process, jobs)
+    results = [r for part in parts for r in part[0]]
+    duration = max(p[2] for p in parts) - min(p[1] for p in parts)
     ok = [r for r in results if r.ok]
     for r in results:
         if not r.ok:
@@ -169,21 +218,26 @@ async def _level(url: str, headers: dict, model: str, concurrency: int, n: int, 
         itl_ms=_pcts([g for r in ok for g in r.gaps]),
         tpot_ms=_pcts(tpots),
         e2e_ms=_pcts([r.e2e for r in ok]),
+        client_processes=processes,
+        client_cpu_per_process=max(p[3] for p in parts) / duration,
+        server_cpu=(_cpu_seconds(server_pid) - server_cpu) / duration if server_pid else None,
     )
 
 
 def _table(levels: list[LevelResult]) -> str:
     head = (
         "| clients | requests | ok | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 "
-        "| ITL p50 | ITL p90 | ITL p99 | TPOT mean | e2e p50 |"
+        "| ITL p50 | ITL p90 | ITL p99 | TPOT mean | e2e p50 | client CPU | server CPU |"
     )
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 15]
     for lv in levels:
         rows.append(
             f"| {lv.concurrency} | {lv.requests} | {lv.ok} | {lv.requests_per_s:.2f} "
             f"| {lv.output_tokens_per_s:.1f} | {lv.ttft_ms['p50']:.0f} ms | {lv.ttft_ms['p90']:.0f} ms "
             f"| {lv.ttft_ms['p99']:.0f} ms | {lv.itl_ms['p50']:.0f} ms | {lv.itl_ms['p90']:.0f} ms "
-            f"| {lv.itl_ms['p99']:.0f} ms | {lv.tpot_ms['mean']:.0f} ms | {lv.e2e_ms['p50']:.0f} ms |"
+            f"| {lv.itl_ms['p99']:.0f} ms | {lv.tpot_ms['mean']:.0f} ms | {lv.e2e_ms['p50']:.0f} ms "
+            f"| {lv.client_cpu_per_process:.0%} x {lv.client_processes} "
+            f"| {'-' if lv.server_cpu is None else f'{lv.server_cpu:.0%}'} |"
         )
     return "\n".join(rows)
 
@@ -260,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="spread each level's clients over N processes",
+    )
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument(
         "--update-docs", action="store_true", help="rewrite the section in docs/benchmarks.md"
@@ -282,12 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-        asyncio.run(_level(url, headers, model, 2, 2, 4))  # warm-up
+        _level(url, headers, model, 2, 2, 4)  # warm-up
         levels = []
         for c in [int(x) for x in args.concurrency.split(",") if x]:
             n = max(args.requests, c)
             print(f"concurrency {c}: {n} requests ...", file=sys.stderr, flush=True)
-            levels.append(asyncio.run(_level(url, headers, model, c, n, args.max_tokens)))
+            pid = proc.pid if proc is not None else None
+            levels.append(
+                _level(url, headers, model, c, n, args.max_tokens, args.client_processes, pid)
+            )
     finally:
         if proc is not None:
             stop_server(proc)

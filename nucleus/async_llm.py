@@ -74,6 +74,11 @@ class _Stream:
     tokenizing: asyncio.Task | None = None  # a text prompt being tokenized before it is queued
 
 
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
 def error_output(
     request_id: str, prompt: str | list[int], params: SamplingParams, message: str
 ) -> RequestOutput:
@@ -335,14 +340,20 @@ class AsyncLLM:
 
     # ---- the engine thread ------------------------------------------------------------------
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop per step (a
+        wake-up is a system call, and a step can have hundreds of outputs)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # the consumer left; its abort is on its way
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the event loop is closed
-                self._streams.pop(out.request_id, None)
+                for stream, _ in items:
+                    self._streams.pop(stream.request_id, None)
 
     def _apply(self, commands: list[tuple[str, Any]]) -> None:
         engine = self.engine
