@@ -69,6 +69,20 @@ def test_two_ranks_generate_what_one_does(checkpoint):
     assert not any(p.is_alive() for p in two.engine.runner.workers.processes)
 
 
+def test_four_ranks_generate_what_one_does(tmp_path):
+    """Wider groups than the checkpoint's 2 shards (re-sharded on load), 2 KV heads a rank: the
+    same greedy tokens as one process (the CPU side of issue 17's check across TP sizes)."""
+    ckpt = write_meta_checkpoint(tmp_path, GQA8, random_meta_weights(GQA8, seed=11), shards=2)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in outputs(llm(ckpt), greedy)]
+    four = llm(ckpt, tensor_parallel_size=4)
+    try:
+        assert [o.outputs[0].token_ids for o in outputs(four, greedy)] == expected
+        assert four.engine.runner.kv.k.shape[3] == GQA8.n_kv_heads // 4
+    finally:
+        four.shutdown()
+
+
 def shard_for_triton_interpreter(ckpt: str, tp):
     """Rank `tp`'s shard, in a process where Triton's interpreter is set up as in this one."""
     triton_interpreter.set_up()
