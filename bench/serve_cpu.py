@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         name: statistics.median(r["cpu_us_per_chunk"] for r in rounds if r["name"] == name)
         for name in checkouts
     }
-    print("median server CPU per chunk: " + ", ".join(f"{k} {v:.0f} us" for k, v in summary.items()))
+    print(
+        "median server CPU per chunk: " + ", ".join(f"{k} {v:.0f} us" for k, v in summary.items())
+    )
     meta = {
         "machine": f"{cpu_name()} CPU, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
