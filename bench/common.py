@@ -32,15 +32,20 @@ def cpu_name() -> str:
 
 
 def start_server(
-    flags: list[str], *, checkout: Path = REPO, prefix: str = "nucleus-bench-"
+    flags: list[str],
+    *,
+    checkout: Path = REPO,
+    prefix: str = "nucleus-bench-",
+    entry: tuple[str, ...] = ("-m", "nucleus.server.serve"),
 ) -> tuple[subprocess.Popen, str, Path]:
-    """`python -m nucleus.server.serve` on a free port with the code of `checkout`; returns the
-    process, its URL and its log once /health answers (exits the script if it never does)."""
+    """`python -m nucleus.server.serve` (or `python *entry`, which takes the same flags) on a
+    free port with the code of `checkout`; returns the process, its URL and its log once /health
+    answers (exits the script if it never does)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = Path(tempfile.mkstemp(prefix=prefix, suffix=".log")[1])
-    cmd = [sys.executable, "-m", "nucleus.server.serve", "--port", str(port), *flags]
+    cmd = [sys.executable, *entry, "--port", str(port), *flags]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])),

@@ -45,6 +45,7 @@ class RequestResult:
     ttft: float = 0.0
     e2e: float = 0.0
     tokens: int = 0
+    chunks: int = 0  # events with text (a stream that falls behind gets several tokens in one)
     gaps: list[float] = field(default_factory=list)
     error: str = ""
 
@@ -66,6 +67,7 @@ class LevelResult:
     # the limit), and the server process (all its threads; None: a server not started here).
     client_cpu_per_process: float = 0.0
     server_cpu: float | None = None
+    text_chunks: int = 0
 
 
 def _pcts(values: list[float]) -> dict[str, float]:
@@ -84,12 +86,15 @@ def _pcts(values: list[float]) -> dict[str, float]:
     }
 
 
-async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int):
+async def _one(
+    client: httpx.AsyncClient, model: str, prompt: str | list[int], max_tokens: int,
+    temperature: float,
+):  # fmt: skip
     body = {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
-        "temperature": 0.8,
+        "temperature": temperature,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -97,7 +102,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
-    tokens = 0
+    tokens = chunks = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -113,6 +118,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    chunks += 1
                     now = time.perf_counter()
                     if first is None:
                         first = now
@@ -124,7 +130,9 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     end = time.perf_counter()
     if first is None:
         return RequestResult(False, error="no text")
-    return RequestResult(True, ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+    return RequestResult(
+        True, ttft=first - start, e2e=end - start, tokens=tokens, chunks=chunks, gaps=gaps
+    )
 
 
 async def _sse_lines(response: httpx.Response):
@@ -140,10 +148,12 @@ async def _sse_lines(response: httpx.Response):
 
 
 async def _clients(
-    url: str, headers: dict, model: str, concurrency: int, indices: list[int], max_tokens: int
-) -> tuple[list[RequestResult], float, float]:
-    """`concurrency` streaming clients in this process take the requests `indices` in turn; their
-    results, and the wall-clock start and end (time.perf_counter: one clock for every process)."""
+    url: str, headers: dict, model: str, concurrency: int, indices: list[int], max_tokens: int,
+    prompts: list[str] | list[list[int]], temperature: float,
+) -> tuple[list[RequestResult], float, float]:  # fmt: skip
+    """`concurrency` streaming clients in this process take the requests `indices` (request i
+    sends `prompts[i % len(prompts)]`) in turn; their results, and the wall-clock start and end
+    (time.perf_counter: one clock for every process)."""
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as c:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -157,7 +167,8 @@ async def _clients(
                     i = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                results.append(await _one(c, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+                prompt = prompts[i % len(prompts)]
+                results.append(await _one(c, model, prompt, max_tokens, temperature))
 
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
@@ -183,13 +194,14 @@ def _cpu_seconds(pid: int | None) -> float:
 def _level(
     url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int,
     processes: int = 1, server_pid: int | None = None,
+    prompts: list[str] | list[list[int]] = PROMPTS, temperature: float = 0.8,
 ) -> LevelResult:  # fmt: skip
     """`concurrency` clients, spread over `processes` client processes (so that parsing the
     streams in Python is not what limits a level), run `n` requests."""
     processes = max(1, min(processes, concurrency))
     jobs = [
         (url, headers, model, len(range(p, concurrency, processes)), list(range(p, n, processes)),
-         max_tokens)
+         max_tokens, prompts, temperature)
         for p in range(processes)
     ]  # fmt: skip
     server_cpu = _cpu_seconds(server_pid)
@@ -221,6 +233,7 @@ def _level(
         client_processes=processes,
         client_cpu_per_process=max(p[3] for p in parts) / duration,
         server_cpu=(_cpu_seconds(server_pid) - server_cpu) / duration if server_pid else None,
+        text_chunks=sum(r.chunks for r in ok),
     )
 
 

@@ -464,7 +464,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=text,
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=seq.output_token_ids,  # a new list (a slice)
                     logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
                     finish_reason=seq.status.finish_reason,
                     stop_reason=seq.stop_reason,

@@ -40,7 +40,7 @@ from nucleus.server.protocol import (
 )
 from nucleus.server.responses import chat_logprobs, json_safe, usage
 from nucleus.server.run import Prompt, Run, collect, raise_if_error
-from nucleus.server.sse import SSEResponse, guarded_sse, sse
+from nucleus.server.sse import ChunkEvents, SSEResponse, sse
 from nucleus.server.state import ServerState
 from nucleus.tools import (
     ToolCall,
@@ -138,8 +138,7 @@ async def create_chat_completion(
 
     if req.stream:
         return SSEResponse(
-            guarded_sse(_stream(state, req, run, tools, rid, created, model, len(ids), k), rid),
-            run,
+            _stream(state, req, run, tools, rid, created, model, len(ids), k), run, rid
         )
 
     finals = await collect(run, request)
@@ -190,18 +189,17 @@ async def _stream(
     hold_all = tools is not None and tools.choice.mode in ("required", "named")
     hold_json = tools is not None and tools.choice.mode == "auto"
 
+    head = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+    }
+    events = ChunkEvents(head, {"usage": None} if include_usage else {})
+
     def chunk(index: int, delta: dict[str, Any], lps: Any = None, finish: str | None = None):
-        body: dict[str, Any] = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}],
-        }
-        if include_usage:
-            body["usage"] = None
-        return sse(json_safe(body))
+        return events({"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish})
 
     choices: dict[int, _ChoiceStream] = {}
     completion_tokens: dict[int, int] = {}
@@ -247,13 +245,6 @@ async def _stream(
                     yield chunk(o.index, {"content": c.held}, held_lps)
             yield chunk(o.index, {}, None, finish)
     if include_usage:
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [],
-            "usage": usage(prompt_tokens, sum(completion_tokens.values())),
-        }
-        yield sse(body)
+        yield sse(
+            {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens.values()))}
+        )

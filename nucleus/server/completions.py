@@ -21,7 +21,7 @@ from nucleus.server.inputs import (
 from nucleus.server.protocol import APIError, CompletionRequest, random_id
 from nucleus.server.responses import completion_logprobs, json_safe, merge_logprobs, usage
 from nucleus.server.run import Prompt, Run, collect, raise_if_error
-from nucleus.server.sse import SSEResponse, guarded_sse, sse
+from nucleus.server.sse import ChunkEvents, SSEResponse, sse
 from nucleus.server.state import ServerState
 
 __all__ = ["create_completion"]
@@ -91,6 +91,8 @@ async def create_completion(
 
     if req.stream:
         include_usage = req.wants_usage_in_stream()
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+        chunk = ChunkEvents(head, {"usage": None} if include_usage else {})
 
         async def stream() -> AsyncIterator[str]:
             seen: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) sent
@@ -129,37 +131,14 @@ async def create_completion(
                         continue
                     if k is not None and lps is None:
                         lps = completion_logprobs(state, [], None, k, 0)[0]
-                    chunk = {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": index,
-                                "text": text,
-                                "logprobs": lps,
-                                "finish_reason": finish,
-                            }
-                        ],
-                    }
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield sse(json_safe(chunk))
+                    yield chunk(
+                        {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+                    )
             if include_usage:
                 totals = usage(sum(len(p.ids) for p in prompts), sum(completion_tokens.values()))
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": totals,
-                    }
-                )
+                yield sse({**head, "choices": [], "usage": totals})
 
-        return SSEResponse(guarded_sse(stream(), rid), run)
+        return SSEResponse(stream(), run, rid)
 
     finals = await collect(run, request)
     choices = []

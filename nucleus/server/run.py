@@ -27,6 +27,9 @@ __all__ = ["ClientGone", "Prompt", "Run", "collect", "raise_if_error"]
 logger = logging.getLogger("nucleus.server")
 
 
+_Item = tuple[int, RequestOutput | None, Exception | None]  # (prompt index, output, error)
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; nothing is sent."""
 
@@ -81,27 +84,45 @@ class Run:
         state.metrics.prompt_tokens.inc(sum(len(p.ids) for p in prompts))
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._pump(i)) for i in range(len(self.prompts))]
+        """Starts the engine requests of a run of several prompts, each pumped by a task into
+        one queue. A run of one prompt has none: `events` reads its stream itself, which spares
+        each output a task switch and a second queue (and a stream that falls behind gets the
+        newest output, as `AsyncLLM` coalesces them)."""
+        if len(self.prompts) > 1 and not self._tasks:
+            self._tasks = [asyncio.create_task(self._pump(i)) for i in range(len(self.prompts))]
 
-    async def _pump(self, i: int) -> None:
+    async def _outputs(self, i: int) -> AsyncIterator[_Item]:
+        """Prompt `i`'s outputs as (i, output, None), then (i, None, None) when its stream ends,
+        or (i, None, exception) if the engine refused it or failed."""
         try:
             stream = await maybe_await(
                 self.state.engine.generate(self.prompts[i].ids, self.params, self.request_ids[i])
             )
-            try:
-                async for out in stream:
-                    self._queue.put_nowait((i, out, None))
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
-            self._queue.put_nowait((i, None, exc))
+            yield i, None, exc
             return
-        self._queue.put_nowait((i, None, None))
+        try:
+            async for out in stream:
+                yield i, out, None
+        except Exception as exc:
+            yield i, None, exc
+            return
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        yield i, None, None
+
+    async def _pump(self, i: int) -> None:
+        async with contextlib.aclosing(self._outputs(i)) as items:
+            async for item in items:
+                self._queue.put_nowait(item)
+
+    async def _merged(self) -> AsyncIterator[_Item]:
+        self.start()
+        while True:
+            yield await self._queue.get()
 
     def _started(self, i: int) -> None:
         if i in self._not_started:
@@ -132,24 +153,25 @@ class Run:
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) as they come; ends when every request ended."""
-        if not self._tasks:
-            self.start()
         remaining = len(self.prompts)
+        items = self._outputs(0) if remaining == 1 else self._merged()
         try:
-            while remaining:
-                i, out, exc = await self._queue.get()
-                self._started(i)
-                if exc is not None:
-                    self._finished.add(i)  # refused by the engine: nothing to abort
-                    raise _engine_error(exc, self.state.limits.retry_after)
-                if out is None:
-                    remaining -= 1
-                    self._finished.add(i)  # the engine's stream ended: nothing to abort
-                    continue
-                self._observe(i, out, time.perf_counter())
-                if out.finished:
-                    self._finished.add(i)
-                yield i, out
+            async with contextlib.aclosing(items):
+                async for i, out, exc in items:
+                    self._started(i)
+                    if exc is not None:
+                        self._finished.add(i)  # refused by the engine: nothing to abort
+                        raise _engine_error(exc, self.state.limits.retry_after)
+                    if out is None:
+                        remaining -= 1
+                        self._finished.add(i)  # the engine's stream ended: nothing to abort
+                        if not remaining:
+                            return
+                        continue
+                    self._observe(i, out, time.perf_counter())
+                    if out.finished:
+                        self._finished.add(i)
+                    yield i, out
         finally:
             await self.close()
 

@@ -5,6 +5,7 @@ real server with the real engine are the other test_server_*.py files."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from server_fake_engine import FakeAsyncLLM
@@ -13,6 +14,7 @@ from starlette.testclient import TestClient
 from nucleus.server.app import build_app
 from nucleus.server.limits import ServerLimits
 from nucleus.server.protocol import APIError, validation_error
+from nucleus.server.sse import ChunkEvents
 
 KEY = {"Authorization": "Bearer k"}
 
@@ -171,18 +173,21 @@ def test_queue_bound_counts_sequences_503_with_retry_after_or_400_if_it_never_fi
     assert err["code"] == "too_many_sequences" and err["param"] == "n"
 
 
+@pytest.mark.parametrize("prompt", [b'"x"', b'["x", "y"]'])
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_request(stream):
+def test_client_disconnect_aborts_request(stream, prompt):
     """The app's own disconnect path: a client hanging up (mid-stream, or while waiting for a
-    whole answer) aborts the engine request."""
+    whole answer) aborts the engine requests (one prompt's stream is read directly, several
+    prompts' through a task each)."""
     fake = FakeAsyncLLM(max_model_len=4096, delay=0.01)
     app = build_app(fake, served_model_name="m")
 
     async def main():
         sent: list[dict] = []
         disconnect = asyncio.Event()
-        body = b'{"prompt": "x", "max_tokens": 1000, "stream": %s}' % (
-            b"true" if stream else b"false"
+        body = b'{"prompt": %s, "max_tokens": 1000, "stream": %s}' % (
+            prompt,
+            b"true" if stream else b"false",
         )
         if not stream:
             asyncio.get_running_loop().call_later(0.2, disconnect.set)
@@ -223,7 +228,7 @@ def test_client_disconnect_aborts_request(stream):
         assert sent[0]["status"] == 200
     else:
         assert sent == []  # nobody to answer
-    assert len(fake.aborted) == 1 and not fake.active
+    assert len(fake.aborted) == prompt.count(b'"') // 2 and not fake.active
 
 
 def test_engine_queue_full_and_dead_are_503(app_client, fake):
@@ -246,3 +251,25 @@ def test_engine_queue_full_and_dead_are_503(app_client, fake):
     fake.is_running = False  # AsyncLLM's engine thread has stopped
     r = app_client.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "engine not running"
+
+
+@pytest.mark.parametrize("tail", [{}, {"usage": None}])
+def test_chunk_events_encode_the_whole_chunk(tail):
+    """A chunk event is the chunk's JSON (oracle: `json.loads`, and the bytes of `json.dumps` of
+    the whole chunk, as events were written before the constant part was encoded once), with
+    infinite log-probabilities at OpenAI's floor."""
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m\u00e9"}
+    events = ChunkEvents(head, tail)
+    plain = {"index": 2, "text": 'a "b"\n\u2028\u00e9', "logprobs": None, "finish_reason": None}
+    lps = {"tokens": ["a"], "token_logprobs": [float("-inf")], "top_logprobs": [{"a": -0.5}]}
+    scored = {"index": 0, "text": "a", "logprobs": lps, "finish_reason": "stop"}
+    for choice, safe in [
+        (plain, plain),
+        (scored, {**scored, "logprobs": {**lps, "token_logprobs": [-9999.0]}}),
+    ]:
+        event = events(choice)
+        body = {**head, "choices": [safe], **tail}
+        assert event.startswith("data: ") and event.endswith("\n\n")
+        assert json.loads(event[6:]) == body
+        dumped = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        assert event == f"data: {dumped}\n\n"
