@@ -44,7 +44,7 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(PROMPT_TOKENS)] for _ in range(4)]
 
 
-def _tiny_engine(vocab: int, max_num_seqs: int):
+def _tiny_engine(vocab: int, max_num_seqs: int, stream_interval: int = 1):
     """The near-free engine (built in the process of the checkout measured)."""
     import torch
 
@@ -68,7 +68,8 @@ def _tiny_engine(vocab: int, max_num_seqs: int):
     model = Transformer(config)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+    options = {"stream_interval": stream_interval} if stream_interval > 1 else {}
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192, **options)
     return LLMEngine(model.eval(), Tokenizer(asset_path("llama3-tokenizer")), config)
 
 
@@ -80,8 +81,9 @@ def _serve_tiny(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--vocab", type=int, required=True)
     p.add_argument("--max-num-seqs", type=int, required=True)
+    p.add_argument("--stream-interval", type=int, default=1)
     ours, flags = p.parse_known_args(argv)
-    engine = _tiny_engine(ours.vocab, ours.max_num_seqs)
+    engine = _tiny_engine(ours.vocab, ours.max_num_seqs, ours.stream_interval)
     serve.build_engine = lambda args: AsyncLLM.from_engine(engine, model_name="tiny")
     return serve.main(flags)
 
@@ -120,6 +122,7 @@ def _run_engine_only(checkout: Path, args: argparse.Namespace) -> dict:
 
 def _round(checkout: Path, args: argparse.Namespace) -> dict:
     flags = ["--vocab", str(args.vocab), "--max-num-seqs", str(args.streams)]
+    flags += ["--stream-interval", str(args.stream_interval)]
     flags += ["--served-model-name", "tiny", "--log-level", "warning"]
     flags += ["--max-waiting", str(max(args.requests, 1024))]
     proc, url, _ = start_server(
@@ -187,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--client-processes", type=int, default=2)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the engine's (the server's flag of that name)",
+    )
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "serve_cpu.json"))
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)

@@ -76,6 +76,14 @@ class EngineConfig:
     attention_backend: str = "auto"  # or one of nucleus.attention.BACKENDS
     # Launch the next decode step before the host has this one's tokens (CUDA graphs only).
     async_scheduling: bool = True
+    # A streamed request is reported at its first token, then at most every `stream_interval`
+    # steps, and when it ends: with many streams, fewer and larger chunks cost the host (and a
+    # server's event loop) less per token (docs/scheduling.md).
+    stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be an int >= 1, got {self.stream_interval!r}")
 
 
 @dataclass
@@ -93,6 +101,8 @@ class _Request:
     stream: bool = True
     reported_finished: bool = False
     pending: bool = field(default=False)  # has news not yet returned by step()
+    reports: int = 0  # outputs returned by step() so far
+    unreported_steps: int = 0  # steps with news since the last report
 
     @property
     def text_per_token(self) -> bool:
@@ -380,7 +390,12 @@ class LLMEngine:
             finished = all(s.is_finished for s in req.seqs)
             if not (req.stream or finished):
                 continue
+            req.unreported_steps += 1
+            if not finished and req.reports and req.unreported_steps < self.config.stream_interval:
+                continue
             req.pending = False
+            req.reports += 1
+            req.unreported_steps = 0
             outputs.append(self._output(req))
             if finished:
                 req.reported_finished = True

@@ -5,7 +5,7 @@
         [--max-waiting N] [--max-body-bytes N] [--max-sequences-per-request N]
         [--body-timeout S] [--header-timeout S]
         [--device DEV] [--dtype DTYPE] [--max-model-len N] [--max-num-seqs N]
-        [--max-num-batched-tokens N] [--tensor-parallel-size N]
+        [--max-num-batched-tokens N] [--stream-interval N] [--tensor-parallel-size N]
 
 Binds to 127.0.0.1 unless told otherwise and logs one line per request. SIGTERM (or Ctrl-C)
 shuts down gracefully: the listening socket closes, new requests on open connections get 503,
@@ -40,6 +40,14 @@ from nucleus.server.limits import ServerLimits
 __all__ = ["add_serve_arguments", "build_engine", "main", "run_server"]
 
 logger = logging.getLogger("nucleus.server")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 would silently mean the default)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -118,20 +126,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--max-num-seqs",
-        type=int,
+        type=_positive_int,
         default=None,
         help="most sequences the engine runs in one batch (default: the engine's)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="the engine's budget of one step (default: 8192 on CUDA, 128 on the CPU; "
         "docs/scheduling.md)",
     )
     parser.add_argument(
+        "--stream-interval",
+        type=_positive_int,
+        default=None,
+        help="a stream gets a chunk at its first token, then at most every N engine steps, and "
+        "at its end: fewer, larger chunks for many streams (default 1: every step)",
+    )
+    parser.add_argument(
         "--tensor-parallel-size",
-        type=int,
+        type=_positive_int,
         default=1,
         help="devices to split the model across (rank r on cuda:r; worker processes are started "
         "here, the server and the engine stay in this one) (default 1)",
@@ -155,7 +170,9 @@ def build_engine(args: argparse.Namespace) -> Any:
     from nucleus.async_llm import AsyncLLM
 
     kwargs: dict[str, Any] = {}
-    for name in ("max_model_len", "dtype", "tokenizer", "max_num_seqs", "max_num_batched_tokens"):
+    names = ("max_model_len", "dtype", "tokenizer", "max_num_seqs", "max_num_batched_tokens",
+             "stream_interval")  # fmt: skip
+    for name in names:
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value

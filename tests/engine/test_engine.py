@@ -268,3 +268,25 @@ def test_abort_returns_blocks_and_reports_abort(model):
     (out,) = e.step()
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert e.block_manager.num_used_blocks == 0 and not e.has_unfinished()
+
+
+def test_stream_interval_reports_fewer_larger_outputs_with_the_same_tokens(model):
+    """`stream_interval=4`: a stream hears at its first token, then every 4th step, then at its
+    end; the tokens are the plain loop's (the oracle) and an abort is still reported at once."""
+    e = engine(model, stream_interval=4)
+    e.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    outs = []
+    while e.has_unfinished():
+        outs += e.step()
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 5, 9, 10]
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == naive_greedy(
+        model, PROMPTS[0], 10
+    )
+    e.add_request("b", PROMPTS[3], SamplingParams(max_tokens=20, ignore_eos=True))
+    e.step()
+    e.step()
+    e.abort("b")
+    (out,) = e.step()
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineConfig(stream_interval=0)

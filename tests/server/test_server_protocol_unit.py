@@ -273,3 +273,20 @@ def test_chunk_events_encode_the_whole_chunk(tail):
         assert json.loads(event[6:]) == body
         dumped = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
         assert event == f"data: {dumped}\n\n"
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--stream-interval", "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size"],
+)
+def test_serve_flags_that_count_refuse_zero_at_the_command_line(flag, capsys):
+    """0 would silently mean the engine's default: argparse refuses it, naming the flag."""
+    import argparse
+
+    from nucleus.server.serve import add_serve_arguments
+
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    assert getattr(parser.parse_args([flag, "4"]), flag[2:].replace("-", "_")) == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, "0"])
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
