@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -183,12 +184,20 @@ def _client_process(job: tuple) -> tuple[list[RequestResult], float, float, floa
 
 
 def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of process `pid` so far (Linux), 0 when unknown."""
+    """User + system CPU seconds so far of process `pid` and the processes it started (the
+    engine process, tensor-parallel workers) (Linux), 0 when unknown."""
+    if pid is None:
+        return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, TypeError):
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return 0.0
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += map(int, (task / "children").read_text().split())
+    return own + sum(_cpu_seconds(c) for c in children)
 
 
 def _level(

@@ -9,10 +9,14 @@ The engine is the real one (`LLMEngine` in an `AsyncLLM`, the Llama 3 tokenizer 
 over a random model of one layer, width 32 and a vocabulary of the tokenizer's first `--vocab`
 ids (1,024: short English pieces), greedy, one torch thread: an engine step of 256 rows costs a
 few milliseconds, so the serving layer dominates the server's CPU. The server is
-`nucleus.server.serve` itself with that engine in place of a loaded model. Each round starts a
+`nucleus.server.serve` itself with that engine in place of a loaded model (built in the engine
+process, with `AsyncLLM.from_process`, in process mode). Each round starts a
 server, warms it up, runs `--requests` streaming `/v1/completions` of `--max-tokens` tokens from
 `--streams` clients at once (token-id prompts; clients over `--client-processes` processes), and
-reads the server process's CPU seconds (all threads, /proc) over the level. A round of the
+reads the server's CPU seconds (all threads of the server process and of the processes it
+started: the engine process, /proc) over the level. `--engine thread,process` (the default)
+measures this checkout's server with the engine in a thread of its process and in a process of
+its own, alternating in each round. A round of the
 engine alone (the same requests, streamed, stepped in a loop: `--engine-only`) gives what of that
 the engine costs. With `--peer`, rounds alternate between the checkouts (this one first), so that
 the machine's noise falls on both alike. Prints a table and writes JSON (default
@@ -22,6 +26,7 @@ bench/results/serve_cpu.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -73,18 +78,35 @@ def _tiny_engine(vocab: int, max_num_seqs: int, stream_interval: int = 1):
     return LLMEngine(model.eval(), Tokenizer(asset_path("llama3-tokenizer")), config)
 
 
+def _tiny_llm(vocab: int, max_num_seqs: int, stream_interval: int):
+    """An `LLM` over the near-free engine (what the engine process builds)."""
+    from nucleus.llm import LLM
+
+    return LLM.from_engine(_tiny_engine(vocab, max_num_seqs, stream_interval), name="tiny")
+
+
 def _serve_tiny(argv: list[str]) -> int:
-    """`nucleus serve` (its flags in `argv`) with the near-free engine."""
+    """`nucleus serve` (its flags in `argv`) with the near-free engine, in a thread of the server
+    with `--engine-in-thread`, else in a process of its own (as `nucleus serve` runs it)."""
+    from nucleus.assets import asset_path
     from nucleus.async_llm import AsyncLLM
     from nucleus.server import serve
+    from nucleus.tokenizer import Tokenizer
 
     p = argparse.ArgumentParser()
     p.add_argument("--vocab", type=int, required=True)
     p.add_argument("--max-num-seqs", type=int, required=True)
     p.add_argument("--stream-interval", type=int, default=1)
     ours, flags = p.parse_known_args(argv)
-    engine = _tiny_engine(ours.vocab, ours.max_num_seqs, ours.stream_interval)
-    serve.build_engine = lambda args: AsyncLLM.from_engine(engine, model_name="tiny")
+    shape = (ours.vocab, ours.max_num_seqs, ours.stream_interval)
+
+    def build_engine(args: argparse.Namespace) -> AsyncLLM:
+        if getattr(args, "engine_in_thread", True):
+            return AsyncLLM.from_engine(_tiny_engine(*shape), model_name="tiny")
+        tokenizer = Tokenizer(asset_path("llama3-tokenizer"))
+        return AsyncLLM.from_process(functools.partial(_tiny_llm, *shape), tokenizer=tokenizer)
+
+    serve.build_engine = build_engine
     return serve.main(flags)
 
 
@@ -120,8 +142,9 @@ def _run_engine_only(checkout: Path, args: argparse.Namespace) -> dict:
     return {**result, "cpu_us_per_output": result["cpu_s"] / result["outputs"] * 1e6}
 
 
-def _round(checkout: Path, args: argparse.Namespace) -> dict:
+def _round(checkout: Path, mode: str, args: argparse.Namespace) -> dict:
     flags = ["--vocab", str(args.vocab), "--max-num-seqs", str(args.streams)]
+    flags += ["--engine-in-thread"] if mode == "thread" else []
     flags += ["--stream-interval", str(args.stream_interval)]
     flags += ["--served-model-name", "tiny", "--log-level", "warning"]
     flags += ["--max-waiting", str(max(args.requests, 1024))]
@@ -141,6 +164,7 @@ def _round(checkout: Path, args: argparse.Namespace) -> dict:
     tokens = level.output_tokens_per_s * level.duration_s
     return {
         "checkout": str(checkout),
+        "engine": mode,
         "ok": level.ok,
         "requests": level.requests,
         "tokens": round(tokens),
@@ -196,26 +220,42 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="the engine's (the server's flag of that name)",
     )
+    p.add_argument(
+        "--engine",
+        default="thread,process",
+        help="where this checkout's server runs the engine: thread, process, or both "
+        "(alternating in each round)",
+    )
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "serve_cpu.json"))
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)
 
     checkouts = {"this": REPO} | ({"peer": args.peer.resolve()} if args.peer else {})
+    # This checkout in each engine mode asked for; a peer as it serves by default.
+    configs = [(f"this, engine {mode}", REPO, mode) for mode in args.engine.split(",")]
+    if args.peer:
+        configs.append(("peer", args.peer.resolve(), "default"))
     rounds = []
     for k in range(args.rounds):
-        for name, checkout in checkouts.items():
+        for name, checkout, mode in configs:
             print(f"round {k + 1}: {name} ({checkout}) ...", file=sys.stderr, flush=True)
-            rounds.append({"name": name, "round": k + 1, **_round(checkout, args)})
+            rounds.append({"name": name, "round": k + 1, **_round(checkout, mode, args)})
     engine = {name: _run_engine_only(checkout, args) for name, checkout in checkouts.items()}
     table = _table(rounds, engine)
     print(table)
     summary = {
-        name: statistics.median(r["cpu_us_per_chunk"] for r in rounds if r["name"] == name)
-        for name in checkouts
+        name: {
+            key: statistics.median(r[key] for r in rounds if r["name"] == name)
+            for key in ("cpu_us_per_chunk", "cpu_us_per_token", "output_tokens_per_s")
+        }
+        for name, _, _ in configs
     }
-    print(
-        "median server CPU per chunk: " + ", ".join(f"{k} {v:.0f} us" for k, v in summary.items())
-    )
+    for name, medians in summary.items():
+        print(
+            f"{name}: median server CPU {medians['cpu_us_per_chunk']:.0f} us / chunk, "
+            f"{medians['cpu_us_per_token']:.0f} us / token, "
+            f"{medians['output_tokens_per_s']:,.0f} out tok/s"
+        )
     meta = {
         "machine": f"{cpu_name()} CPU, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
@@ -225,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"meta": meta, "rounds": rounds, "engine_only": engine, "median_us": summary}
+    record = {"meta": meta, "rounds": rounds, "engine_only": engine, "medians": summary}
     out.write_text(json.dumps(record, indent=2))
     print(f"JSON: {out}", file=sys.stderr)
     if args.update_docs:

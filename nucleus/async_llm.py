@@ -5,6 +5,13 @@ The engine is not thread-safe and its steps block, so it lives in one background
 commands for that thread, and the thread hands each step's outputs back to the event loop with
 `call_soon_threadsafe`. The event loop never runs model code and stays responsive.
 
+With `engine_process=True` the engine runs in a child process instead (`nucleus.engine_process`,
+docs/engine-process.md), so that its Python and the event loop's do not share one interpreter
+lock: a sender thread hands the queued commands to the child in one message per batch, and a
+receiver thread turns each of the child's step reports into the streams' outputs. This process
+keeps the tokenizer (prompts and chat templates are encoded here) and the model's name and
+context length. Everything below holds in both modes; "the engine thread" then means the child.
+
 Each request streams cumulative `RequestOutput`s (text and token ids so far); the last one has
 `finished=True`. A consumer slower than the engine sees only the newest output (intermediate
 ones are skipped, never the final one).
@@ -18,9 +25,10 @@ Failure handling (one request never takes the others down):
   (finish_reason "error", the exception's message) and frees their KV blocks; waiting requests are
   kept and the loop goes on serving. If nothing was running, the waiting requests are failed too,
   so that a request that breaks scheduling cannot wedge the loop. The traceback is logged.
-- if the engine thread itself dies (a bug outside a step), or the model's tensor-parallel group
-  ends (a worker process died or failed: `TensorParallelError`), every open stream ends with an
-  error and new requests raise `EngineDeadError`.
+- if the engine thread itself dies (a bug outside a step), the engine process exits or is killed,
+  or the model's tensor-parallel group ends (a worker process died or failed:
+  `TensorParallelError`), every open stream ends with an error and new requests raise
+  `EngineDeadError`.
 
 `max_waiting` bounds the sequences (`n` per request) queued and not yet running: beyond it
 `generate` raises `QueueFull` at once (the server answers 503), and a request of more than
@@ -29,26 +37,27 @@ in a worker thread, neither on the event loop nor on the engine thread; one too 
 context is refused before it is tokenized. The scheduler's fairness (docs/scheduling.md) holds
 for every caller: a request with a large `n` or a long prompt cannot hold the others back.
 `shutdown()` aborts every request (their streams end with finish_reason "abort") and stops the
-thread.
+thread (or the process).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nucleus.distributed import TensorParallelError
-from nucleus.engine.engine import LLMEngine
-from nucleus.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nucleus.engine.engine import LLMEngine, check_prompt_text, max_prompt_chars
+from nucleus.engine_driver import Command, EngineDriver, error_output
+from nucleus.engine_process import EngineProcess, OutputAssembler, Report
+from nucleus.outputs import RequestOutput
 from nucleus.sampling_params import SamplingParams
 from nucleus.tools import Tool, encode_tool_chat
 
@@ -62,7 +71,7 @@ class QueueFull(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped (shut down, or died of an error)."""
+    """The engine thread or process has stopped (shut down, or died of an error)."""
 
 
 @dataclass
@@ -72,6 +81,7 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
     tokenizing: asyncio.Task | None = None  # a text prompt being tokenized before it is queued
+    assembler: OutputAssembler | None = None  # engine process: rebuilds the outputs
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
@@ -79,29 +89,12 @@ def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
         stream.queue.put_nowait(out)
 
 
-def error_output(
-    request_id: str, prompt: str | list[int], params: SamplingParams, message: str
-) -> RequestOutput:
-    """A final output for a request that failed before (or without) producing tokens."""
-    text = prompt if isinstance(prompt, str) else None
-    ids = [] if isinstance(prompt, str) else list(prompt)
-    return RequestOutput(
-        request_id=request_id,
-        prompt=text,
-        prompt_token_ids=ids,
-        outputs=[
-            CompletionOutput(index=i, finish_reason="error", error=message) for i in range(params.n)
-        ],
-        finished=True,
-        metrics=RequestMetrics(arrival_time=0.0),
-    )
-
-
 class AsyncLLM:
-    """Streaming generation with the engine loop in a background thread.
+    """Streaming generation with the engine loop in a background thread, or in a process of its
+    own with `engine_process=True`.
 
     Build it like `nucleus.LLM` (`AsyncLLM(model, device=..., dtype=..., **engine_options)`), or
-    around an existing engine with `AsyncLLM.from_engine`.
+    around an existing engine with `AsyncLLM.from_engine` (always in a thread).
     """
 
     def __init__(
@@ -116,12 +109,11 @@ class AsyncLLM:
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
         exact: bool = False,
+        engine_process: bool = False,
         **engine_options: Any,
     ) -> None:
-        from nucleus.llm import LLM
-
-        llm = LLM(
-            model,
+        llm_kwargs = dict(
+            model=model,
             device=device,
             dtype=dtype,
             tokenizer=tokenizer,
@@ -131,6 +123,20 @@ class AsyncLLM:
             exact=exact,
             **engine_options,
         )
+        from nucleus.llm import LLM
+
+        if engine_process:
+            from nucleus.loaders import load_model_files
+
+            process = EngineProcess(functools.partial(LLM, **llm_kwargs))
+            try:  # the tokenizer is read here while the child loads the model
+                files = load_model_files(model, tokenizer_path=tokenizer, weights=False)
+            except BaseException:
+                process.close(timeout=5.0)
+                raise
+            self._attach(process, files.tokenizer, files.chat, max_waiting)
+            return
+        llm = LLM(**llm_kwargs)
         self._setup(llm.engine, llm.chat_format, llm.model_name, max_waiting)
 
     @classmethod
@@ -147,6 +153,22 @@ class AsyncLLM:
         return self
 
     @classmethod
+    def from_process(
+        cls,
+        build: Callable[[], Any],
+        *,
+        tokenizer: Any,
+        chat_format: Any = None,
+        max_waiting: int | None = None,
+    ) -> AsyncLLM:
+        """The engine of the `LLM` that `build()` returns, built and run in a process of its own
+        (`build` is pickled: a module-level function or a `functools.partial` of one).
+        `tokenizer` encodes prompts here; it must be the model's."""
+        self = cls.__new__(cls)
+        self._attach(EngineProcess(build), tokenizer, chat_format, max_waiting)
+        return self
+
+    @classmethod
     def from_llm(cls, llm: Any, *, max_waiting: int | None = None) -> AsyncLLM:
         """Serve the engine of an offline `LLM` (which must not be used offline meanwhile)."""
         return cls.from_engine(
@@ -156,42 +178,86 @@ class AsyncLLM:
             max_waiting=max_waiting,
         )
 
-    def _setup(
-        self, engine: LLMEngine, chat_format: Any, model_name: str, max_waiting: int | None
-    ) -> None:
+    def _init_state(self, chat_format: Any, model_name: str, max_waiting: int | None) -> None:
         if max_waiting is not None and max_waiting < 1:
             raise ValueError("max_waiting must be >= 1 or None")
-        self.engine = engine
         self.chat_format = chat_format
         self.model_name = model_name
         self.max_waiting = max_waiting
         self._streams: dict[str, _Stream] = {}
-        self._commands: list[tuple[str, Any]] = []
-        self._num_pending_adds = 0  # sequences of requests not yet handed to the engine
+        self._commands: list[Command] = []
+        # Requests and sequences (`n` per request) not yet in the engine's queue: tokenizing,
+        # queued as commands, or (engine process) on their way to the child.
+        self._num_pending_requests = 0
+        self._num_pending_adds = 0
         self._cv = threading.Condition()
         self._stopping = False
         self._dead: BaseException | None = None
         self._ids = itertools.count()
-        self.num_step_errors = 0
+
+    def _setup(
+        self, engine: LLMEngine, chat_format: Any, model_name: str, max_waiting: int | None
+    ) -> None:
+        self._init_state(chat_format, model_name, max_waiting)
+        self.engine: LLMEngine | None = engine
+        self._driver = EngineDriver(engine)
+        self._process: EngineProcess | None = None
+        self._tokenizer = engine.tokenizer
+        self._max_model_len = engine.max_model_len
+        self._vocab_size = engine.model.config.vocab_size
         self._thread = threading.Thread(target=self._run, name="nucleus-engine", daemon=True)
+        self._threads = [self._thread]
         self._thread.start()
+
+    def _attach(
+        self, process: EngineProcess, tokenizer: Any, chat_format: Any, max_waiting: int | None
+    ) -> None:
+        try:
+            info = process.wait_ready()
+            self._init_state(chat_format, info.model_name, max_waiting)
+        except BaseException:
+            process.close(timeout=5.0)
+            raise
+        self.engine = None
+        self._process = process
+        self._tokenizer = tokenizer
+        self._max_model_len = info.max_model_len
+        self._vocab_size = info.vocab_size
+        self._stats: dict[str, Any] = {}  # the child's last counters
+        self._thread = threading.Thread(
+            target=self._receive_loop, name="nucleus-engine-receiver", daemon=True
+        )
+        sender = threading.Thread(target=self._send_loop, name="nucleus-engine-sender", daemon=True)
+        self._threads = [self._thread, sender]
+        for thread in self._threads:
+            thread.start()
 
     # ---- what the server reads --------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self._tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (token ids a prompt may hold are below it)."""
+        return self._vocab_size
 
     @property
     def max_prompt_chars(self) -> int | None:
-        return self.engine.max_prompt_chars
+        return max_prompt_chars(self._tokenizer, self._max_model_len)
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the engine runs in a process of its own."""
+        return self._process is not None
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and self._dead is None
 
     def encode_chat(
         self, messages: list[dict[str, Any]], tools: Sequence[Tool] | None = None
@@ -202,28 +268,22 @@ class AsyncLLM:
         return encode_tool_chat(self.chat_format, messages, tools)
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot (read without stopping the engine thread, so only roughly consistent)."""
-        s = self.engine.stats()
-        running = {seq.request_id for seq in list(self.engine.scheduler.running)}
-        waiting = {seq.request_id for seq in list(self.engine.scheduler.waiting)} - running
-        return {
-            "running": len(running),
-            "waiting": len(waiting) + sum(1 for c in list(self._commands) if c[0] == "add"),
-            "waiting_sequences": self._num_waiting(),
-            "kv_cache_usage": s["kv_cache_usage"],
-            "num_requests": len(self._streams),
-            "num_preemptions": s["num_preemptions"],
-            "prefix_cache_queries": s["prefix_cache_queries"],
-            "prefix_cache_hits": s["prefix_cache_hits"],
-            "generation_tokens": s["generation_tokens"],
-            "prompt_tokens": s["prompt_tokens"],
-            "step_errors": self.num_step_errors,
-            "alive": self._thread.is_alive(),
-        }
+        """A snapshot (read without stopping the engine, so only roughly consistent; from the
+        engine process, at most `engine_process.STATS_INTERVAL_S` old)."""
+        with self._cv:
+            s = self._driver.stats() if self._process is None else dict(self._stats)
+            s["waiting"] = s.get("waiting", 0) + self._num_pending_requests
+            s["waiting_sequences"] = s.get("waiting_sequences", 0) + self._num_pending_adds
+        s["num_requests"] = len(self._streams)
+        s["alive"] = self._thread.is_alive() and self._dead is None
+        return s
 
     def _num_waiting(self) -> int:
         """Sequences waiting: in the scheduler's queue, or not yet handed to the engine."""
-        return len(self.engine.scheduler.waiting) + self._num_pending_adds
+        if self._process is None:
+            return len(self._driver.engine.scheduler.waiting) + self._num_pending_adds
+        with self._cv:
+            return self._stats.get("waiting_sequences", 0) + self._num_pending_adds
 
     # ---- requests ---------------------------------------------------------------------------
     def generate(
@@ -237,12 +297,12 @@ class AsyncLLM:
         Call it from a coroutine. Raises at once (not at the first iteration) `QueueFull` when
         the request's `n` sequences would take the waiting sequences over `max_waiting`,
         `ValueError` for a request id in use, an `n` over `max_waiting` or a text too long to fit
-        the context, and `EngineDeadError` after `shutdown` or if the engine thread died.
+        the context, and `EngineDeadError` after `shutdown` or if the engine died.
         Everything else that goes wrong with the request ends its stream with finish_reason
         "error". Leaving the iteration early (a client gone) aborts the request.
         """
         loop = asyncio.get_running_loop()
-        if self._dead is not None or self._stopping or not self._thread.is_alive():
+        if not self.is_running:
             raise EngineDeadError(
                 "the engine is not running"
                 + (f": {self._dead!r}" if self._dead is not None else " (shut down)")
@@ -263,7 +323,7 @@ class AsyncLLM:
                     f"{waiting} sequences are waiting, at most {self.max_waiting}: try again later"
                 )
         if isinstance(prompt, str):
-            self.engine.check_prompt_text(prompt)
+            check_prompt_text(prompt, self.max_prompt_chars, self._max_model_len)
         stream = _Stream(request_id, loop)
         self._streams[request_id] = stream
         with self._cv:
@@ -281,20 +341,24 @@ class AsyncLLM:
         params: SamplingParams,
         ids: list[int] | None = None,
     ) -> None:
-        """Hand a request to the engine thread (on the event loop; `ids`: the text's tokens)."""
+        """Hand a request to the engine (on the event loop; `ids`: the text's tokens)."""
+        stream = self._streams.get(request_id)
+        if stream is not None and self._process is not None:
+            text = prompt if isinstance(prompt, str) else None
+            stream.assembler = OutputAssembler(request_id, text, list(ids or prompt))
         with self._cv:
-            if not self._stopping:
+            if not self._stopping and self._dead is None:
                 self._commands.append(("add", (request_id, prompt, params, ids)))
+                self._num_pending_requests += 1
                 self._cv.notify()
                 return
             self._num_pending_adds -= params.n
-        stream = self._streams.get(request_id)  # shut down while the text was tokenized
-        if stream is not None:
+        if stream is not None:  # shut down (or dead) while the text was tokenized
             stream.queue.put_nowait(error_output(request_id, prompt, params, "engine shut down"))
 
     async def _tokenize_then_add(self, stream: _Stream, text: str, params: SamplingParams) -> None:
         try:
-            ids = await asyncio.to_thread(self.engine.tokenizer.encode_prompt, text)
+            ids = await asyncio.to_thread(self._tokenizer.encode_prompt, text)
         except BaseException as e:  # cancelled (the consumer left) or refused
             with self._cv:
                 self._num_pending_adds -= params.n
@@ -326,52 +390,66 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         """Abort a request: its stream ends with finish_reason "abort" (no-op if unknown)."""
         with self._cv:
-            self._commands.append(("abort", request_id))
-            self._cv.notify()
+            if self._dead is None:
+                self._commands.append(("abort", request_id))
+                self._cv.notify()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Abort every request (streams end with "abort"), then stop the engine thread (which
-        ends the engine's tensor-parallel workers, if any)."""
+        """Abort every request (streams end with "abort"), then stop the engine thread or
+        process (which ends the engine's tensor-parallel workers, if any)."""
         with self._cv:
             self._stopping = True
-            self._cv.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self._cv.notify_all()
+        if threading.current_thread() in self._threads:
+            return
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._process is not None:
+            self._process.close(timeout)
 
-    # ---- the engine thread ------------------------------------------------------------------
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their streams: one wake-up of each event loop per step (a
-        wake-up is a system call, and a step can have hundreds of outputs)."""
+    # ---- delivering outputs (on the engine thread or the receiver thread) ---------------------
+    def _post(self, items: list[tuple[_Stream, RequestOutput]]) -> None:
+        """Hand outputs to their streams: one wake-up of each event loop per step (a wake-up is
+        a system call, and a step can have hundreds of outputs)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue  # the consumer left; its abort is on its way
+        for stream, out in items:
             by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
+        for loop, group in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, group)
             except RuntimeError:  # the event loop is closed
-                for stream, _ in items:
+                for stream, _ in group:
                     self._streams.pop(stream.request_id, None)
 
-    def _apply(self, commands: list[tuple[str, Any]]) -> None:
-        engine = self.engine
-        for kind, arg in commands:
-            if kind == "add":
-                request_id, prompt, params, ids = arg
-                try:
-                    engine.add_request(request_id, prompt, params, prompt_token_ids=ids)
-                except Exception as e:  # refused: this request alone ends with the error
-                    self._deliver([error_output(request_id, prompt, params, str(e))])
-                finally:  # once queued (counted twice a moment, never not at all)
-                    with self._cv:
-                        self._num_pending_adds -= params.n
-            elif kind == "abort":
-                engine.abort(arg)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        items = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:  # else the consumer left; its abort is on its way
+                items.append((stream, out))
+        self._post(items)
 
+    def _taken(self, added: list[int]) -> None:
+        """The engine has taken these adds (`n` each) into its queue, or refused them."""
+        with self._cv:
+            self._num_pending_requests -= len(added)
+            self._num_pending_adds -= sum(added)
+
+    def _die(self, e: BaseException) -> None:
+        """The engine is gone: end every stream with the error, refuse new work."""
+        with self._cv:
+            self._dead = e
+            self._cv.notify_all()
+        items = [
+            (stream, error_output(rid, [], SamplingParams(), str(e)))
+            for rid, stream in list(self._streams.items())
+        ]
+        self._post(items)
+
+    # ---- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
-        engine = self.engine
+        driver = self._driver
+        engine = driver.engine
         try:
             while True:
                 with self._cv:
@@ -379,46 +457,73 @@ class AsyncLLM:
                         self._cv.wait()
                     commands, self._commands = self._commands, []
                     stopping = self._stopping
-                self._apply(commands)
+                refused, added = driver.apply(commands)
+                self._taken(added)  # once queued (counted twice a moment, never not at all)
+                self._deliver(refused)
                 if stopping:
-                    self._drain()
+                    self._deliver(driver.drain())
                     return
-                if not engine.has_unfinished():
-                    continue
-                try:
-                    outputs = engine.step()
-                except TensorParallelError:
-                    raise  # the model is gone: no step can run again
-                except Exception as e:
-                    self.num_step_errors += 1
-                    logger.exception("engine step failed; failing the running requests")
-                    outputs = engine.fail_unfinished(f"engine step failed: {e!r}")
-                self._deliver(outputs)
+                if engine.has_unfinished():
+                    self._deliver(driver.step())
         except BaseException as e:  # a bug outside a step: end every stream, refuse new work
-            self._dead = e
             logger.exception("the engine thread died")
-            for rid, stream in list(self._streams.items()):
-                with contextlib.suppress(RuntimeError):
-                    stream.loop.call_soon_threadsafe(
-                        stream.queue.put_nowait,
-                        error_output(rid, [], SamplingParams(), f"engine thread died: {e!r}"),
-                    )
+            self._die(EngineDeadError(f"engine thread died: {e!r}"))
             raise
         finally:
             engine.shutdown()
 
-    def _drain(self) -> None:
-        """At shutdown: abort everything still known, and report it."""
-        engine = self.engine
-        with self._cv:
-            commands, self._commands = self._commands, []
-        self._apply(commands)
-        for rid in list(engine.requests):
-            engine.abort(rid)
-        for _ in range(3):
-            if not engine.has_unfinished():
-                break
+    # ---- the engine process's two threads ---------------------------------------------------
+    def _send_loop(self) -> None:
+        """Hand the queued commands to the child, a batch per message; at shutdown, ask it to
+        drain and exit."""
+        assert self._process is not None
+        while True:
+            with self._cv:
+                while not (self._commands or self._stopping or self._dead is not None):
+                    self._cv.wait()
+                if self._dead is not None:
+                    return
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            if stopping:
+                commands.append(("shutdown", None))
             try:
-                self._deliver(engine.step())
-            except Exception:
-                self._deliver(engine.fail_unfinished("engine shut down", waiting_too=True))
+                self._process.send(commands)
+            except OSError:
+                return  # the child is gone: the receiver reports it
+            if stopping:
+                return
+
+    def _receive_loop(self) -> None:
+        """Turn the child's reports into the streams' outputs, until it says goodbye or dies."""
+        assert self._process is not None
+        try:
+            while True:
+                kind, body = self._process.receive()
+                if kind == "bye":
+                    return
+                if kind == "dead":
+                    raise EngineDeadError(f"the engine process died: {body}")
+                self._on_report(body)
+        except (EOFError, OSError):
+            self._process.process.join(5.0)
+            code = self._process.exitcode
+            logger.error("the engine process exited unexpectedly (exit code %s)", code)
+            self._die(EngineDeadError(f"the engine process exited (exit code {code})"))
+        except BaseException as e:
+            logger.error("%s", e)
+            self._die(e if isinstance(e, EngineDeadError) else EngineDeadError(repr(e)))
+
+    def _on_report(self, report: Report) -> None:
+        items = []
+        for delta in report.deltas:
+            stream = self._streams.get(delta[0])
+            if stream is not None and stream.assembler is not None:
+                items.append((stream, stream.assembler.apply(delta)))
+        with self._cv:  # the queue the child saw and what it took from ours, at once
+            if report.stats is not None:
+                self._stats = report.stats
+            self._num_pending_requests -= len(report.added)
+            self._num_pending_adds -= sum(report.added)
+        self._post(items)
+        self._deliver(report.refused)

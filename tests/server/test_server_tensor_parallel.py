@@ -1,8 +1,9 @@
-"""`nucleus serve --tensor-parallel-size 2`: one command starts the server and its worker process.
+"""`nucleus serve --tensor-parallel-size 2`: one command starts the server, its engine process and
+the engine's worker process.
 
 Oracle: `LLM` with one rank on the same fp32 checkpoint: the server's greedy completion (through
 the official `openai` client) has the same text. The server then shuts down cleanly (exit 0),
-its worker with it.
+its engine process and worker with it.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ def test_a_two_rank_server_answers_as_one_rank(tmp_path):
                 extra_body={"ignore_eos": True},
             )  # fmt: skip
         assert answer.choices[0].text == expected.outputs[0].text
-        (worker,) = spawned_children(server.proc.pid)
+        spawned = spawned_descendants(server.proc.pid)
+        assert len(spawned) == 2  # the engine process and the rank-1 worker it started
     finally:
         assert server.stop() == 0, server.log()[-4000:]
-    assert not Path(f"/proc/{worker}").exists()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in spawned)
 
 
-def spawned_children(pid: int) -> list[int]:
-    """The processes `pid` started with multiprocessing's `spawn` (Linux's /proc)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [
-        c for c in map(int, children) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-    ]
+def spawned_descendants(pid: int) -> list[int]:
+    """The processes `pid` started with multiprocessing's `spawn`, and theirs (Linux's /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found += [child, *spawned_descendants(child)]
+    return found
