@@ -320,6 +320,10 @@ async def _serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         http=functools.partial(_H11Protocol, header_timeout=limits.header_timeout),  # type: ignore[arg-type]
+        # An idle connection is closed by the head deadline, not by uvicorn's keep-alive timer
+        # (default 5 s): httpx and the openai client reuse an idle connection for up to 5 s, and a
+        # server closing it at that same moment resets the request sent on it (docs/server.md).
+        timeout_keep_alive=limits.header_timeout,
         log_level=args.log_level,
         access_log=False,  # our own middleware logs one line per request
         timeout_graceful_shutdown=args.shutdown_timeout + _ABORT_GRACE_S,

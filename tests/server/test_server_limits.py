@@ -1,11 +1,13 @@
 """What one client may send, against a real server (issue 14, items 1 and 4 to 8): an oversized
 body or prompt is refused within a second while /health keeps answering within 100 ms, prompts
 are tokenized off the event loop, streamed choices finish once each, lone surrogates are 400s,
-slow bodies and idle connections are cut off, and the metrics count aborts and hang-ups right.
+slow bodies and idle connections are cut off (but a kept-alive one only at the header
+timeout), and the metrics count aborts and hang-ups right.
 The limits and their defaults are in docs/server.md."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import subprocess
@@ -14,7 +16,14 @@ import time
 
 import httpx
 import pytest
-from server_helpers import BODY_TIMEOUT, HEADER_TIMEOUT, ServerProcess, Stream, wait_idle
+from server_helpers import (
+    BODY_TIMEOUT,
+    HEADER_TIMEOUT,
+    ServerProcess,
+    Stream,
+    start_server,
+    wait_idle,
+)
 
 
 def _head(path: str, server: ServerProcess, length: int) -> bytes:
@@ -254,6 +263,27 @@ def test_slow_bodies_get_408_and_idle_connections_are_closed(server):
     assert took < max(BODY_TIMEOUT, HEADER_TIMEOUT) + 5, took
     assert trickled_until - start < HEADER_TIMEOUT + 2, "the trickling connection stayed open"
     assert server.metric("nucleus_requests_rejected_total", 'reason="body_timeout"') >= 20
+
+
+@pytest.mark.slow
+def test_an_idle_kept_alive_connection_stays_open_until_the_header_timeout():
+    """Clients reuse an idle connection for up to 5 s (httpx and the openai client): a server that
+    closed it at 5 s (uvicorn's keep-alive default) would reset a request sent at that moment
+    (httpx.ReadError). Oracle: the connection, idle past 5 s, answers on the same socket."""
+    server = start_server("--header-timeout", "12")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+        local = conn.sock.getsockname()
+        time.sleep(6.5)
+        conn.request("GET", "/health")  # http.client reopens only a socket it closed itself
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        assert conn.sock.getsockname() == local
+        conn.close()
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
 
 
 # -------------------------------------------------------------------------------- item 8: metrics
