@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench/cpu.py:begin -->", "<!-- bench/cpu.py:end -->"
 PROMPT = "The capital of France is"
 DECODE_PROMPT = list(range(1000, 1032))  # 32 token ids
@@ -282,18 +280,14 @@ def table(result: dict) -> str:
 
 
 def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs, {platform.system()}"
+    from common import cpu_name  # the driver's only: the workers import the standard library
+
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
 def _update_docs(text_table: str, meta: dict) -> None:
+    from common import update_docs_section  # the driver's only, as in `_machine`
+
     section = (
         f"{BEGIN}\n## CPU: nucleus against llama.cpp (`bench/cpu.py`)\n\n"
         f"- command: `{meta['command']}`\n"
@@ -306,14 +300,7 @@ def _update_docs(text_table: str, meta: dict) -> None:
         "its CPU path: the C forward pass over the GGUF's blocks with 8-bit activations.\n\n"
         f"{text_table}{END}\n"
     )
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = re.sub(
-            re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text)
+    update_docs_section(BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:
