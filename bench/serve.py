@@ -22,7 +22,9 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +71,10 @@ class LevelResult:
     client_cpu_per_process: float = 0.0
     server_cpu: float | None = None
     text_chunks: int = 0
+
+
+PROFILE_DELAY_S = 3
+PROFILE_S = 6
 
 
 def _pcts(values: list[float]) -> dict[str, float]:
@@ -200,10 +206,32 @@ def _cpu_seconds(pid: int | None) -> float:
     return own + sum(_cpu_seconds(c) for c in children)
 
 
+def _start_profiler(out: Path | None, pid: int | None) -> subprocess.Popen | None:
+    """py-spy sampling the server and its children (the engine process) for PROFILE_S seconds,
+    from PROFILE_DELAY_S into the level: flat stacks (one line per stack and its sample count)
+    in `out`, to see where the server's time goes under load."""
+    if out is None or pid is None:
+        return None
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        print("--profile: py-spy is not on PATH; not profiling", file=sys.stderr)
+        return None
+    cmd = [
+        py_spy, "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking",
+        "--rate", "250", "--duration", str(PROFILE_S), "--format", "raw", "--output", str(out),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        ["sh", "-c", f'sleep {PROFILE_DELAY_S} && exec "$@"', "sh", *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _level(
     url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int,
     processes: int = 1, server_pid: int | None = None,
     prompts: list[str] | list[list[int]] = PROMPTS, temperature: float = 0.8,
+    profile: Path | None = None,
 ) -> LevelResult:  # fmt: skip
     """`concurrency` clients, spread over `processes` client processes (so that parsing the
     streams in Python is not what limits a level), run `n` requests."""
@@ -214,6 +242,7 @@ def _level(
         for p in range(processes)
     ]  # fmt: skip
     server_cpu = _cpu_seconds(server_pid)
+    profiler = _start_profiler(profile, server_pid)
     if processes == 1:
         parts = [_client_process(jobs[0])]
     else:
@@ -221,6 +250,8 @@ def _level(
 
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             parts = pool.map(_client_process, jobs)
+    if profiler is not None:
+        profiler.wait()
     results = [r for part in parts for r in part[0]]
     duration = max(p[2] for p in parts) - min(p[1] for p in parts)
     ok = [r for r in results if r.ok]
@@ -348,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
     p.add_argument(
+        "--profile",
+        help="sample the server with py-spy during the largest level; flat stacks to this file",
+    )
+    p.add_argument(
         "--offline",
         action="store_true",
         help="then run the largest level's requests through the offline LLM, for comparison",
@@ -366,13 +401,18 @@ def main(argv: list[str] | None = None) -> int:
         model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         _level(url, headers, model, 2, 2, 4)  # warm-up
         levels = []
-        for c in [int(x) for x in args.concurrency.split(",") if x]:
+        counts = [int(x) for x in args.concurrency.split(",") if x]
+        for c in counts:
             n = max(args.requests, c)
             print(f"concurrency {c}: {n} requests ...", file=sys.stderr, flush=True)
             pid = proc.pid if proc is not None else None
+            profile = Path(args.profile) if args.profile and c == max(counts) else None
             levels.append(
-                _level(url, headers, model, c, n, args.max_tokens, args.client_processes, pid)
-            )
+                _level(
+                    url, headers, model, c, n, args.max_tokens, args.client_processes, pid,
+                    profile=profile,
+                )
+            )  # fmt: skip
     finally:
         if proc is not None:
             stop_server(proc)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from nucleus.sampling_params import SamplingParams
+from nucleus.transfer import to_device
 
 
 def sample_top_p(
@@ -108,7 +109,7 @@ class SamplingTensors:
         B, V = len(params), vocab_size
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         temps = [p.temperature for p in params]
         greedy = [t == 0 for t in temps]
@@ -186,7 +187,7 @@ def _token_counts(ids: Sequence[Sequence[int]], V: int, device: torch.device | s
         for i, x in enumerate(ids):
             if x:
                 padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.int64)
-        padded = padded.to(device)
+        padded = padded.to(device, non_blocking=True)
         counts.scatter_add_(1, padded, torch.ones(padded.shape, dtype=torch.float32, device=device))
     return counts[:, :V]
 
@@ -271,6 +272,11 @@ class Sampler:
     @staticmethod
     def _draw(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         B, V = probs.shape
+        if not (st.do_top_p or st.do_top_k or st.do_min_p) and not any(st.generators):
+            # Nothing to filter and no seeded row to reproduce: the same race over the unsorted
+            # probabilities draws from the same distribution without sorting (B, V) each step.
+            q = torch.empty_like(probs).exponential_()
+            return (probs / q).masked_fill(probs == 0, -1.0).argmax(dim=-1)
         sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)
         sorted_probs = filter_sorted_probs(sorted_probs, st)
         q = exponentials(B, V, st.generators, st.greedy_rows, probs.device)
@@ -296,7 +302,7 @@ def exponentials(
     q = torch.ones(B, V, device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        rows = torch.tensor(unseeded, device=device)
+        rows = to_device(unseeded, torch.int64, device)
         q.index_copy_(0, rows, torch.empty(len(unseeded), V, device=device).exponential_())
     for i in seeded:
         if not (greedy_rows and greedy_rows[i]):

@@ -84,6 +84,18 @@ def test_sampler_top_p_row_draws_exactly_as_the_reference_with_the_same_generato
         assert ours.tolist() == ref.view(-1).tolist()
 
 
+def test_a_seeded_row_without_filters_still_draws_as_the_reference():
+    """Unseeded rows with nothing to filter skip the sort (the same distribution: the cases
+    without top-k/top-p/min-p below); a seeded row keeps the reference's draw seed for seed."""
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=0.8, seed=99)
+    g_ours, g_ref = torch.Generator().manual_seed(99), torch.Generator().manual_seed(99)
+    for _ in range(20):
+        ours = Sampler()(logits, build([params], vocab_size=1000, generators=[g_ours])).token_ids
+        ref = sample_top_p(torch.softmax(logits / 0.8, dim=-1), 1.0, generator=g_ref)
+        assert ours.tolist() == ref.view(-1).tolist()
+
+
 @pytest.mark.parametrize(
     "kw",
     [

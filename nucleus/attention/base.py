@@ -79,11 +79,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return torch.from_numpy(lazy_zeros(nbytes)).view(dtype).view(shape)
 
 
-def long_tensor(values: list | np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """int64 host lists or arrays to `device`, without waiting for the copy."""
-    return torch.as_tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
-
 def slot_mapping(
     query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
 ) -> np.ndarray:
@@ -140,6 +135,12 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any
     ) -> torch.Tensor:
         """Attention of the step's queries over one layer's cache: `(T, n_heads, hd)`."""
+
+    def eager_decode_batches(self, max_num_seqs: int) -> list[int]:
+        """Numbers of decode rows, up to `max_num_seqs`, whose eager steps (beside a prefill)
+        run differently compiled kernels: the runner runs one step of each at start-up, so that
+        no kernel compiles under the first requests. One size unless a backend says otherwise."""
+        return [1]
 
     def decode_metadata(
         self,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nucleus.attention.base import AttentionBackend, long_tensor, slot_mapping
+from nucleus.attention.base import AttentionBackend, slot_mapping
+from nucleus.transfer import to_device
 
 
 @dataclass
@@ -51,11 +52,15 @@ class ReferenceBackend(AttentionBackend):
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
         return ReferenceMetadata(
-            query_start=long_tensor(starts, device),
-            context_lens=long_tensor(context_lens, device),
-            block_tables=long_tensor([t + [0] * (width - len(t)) for t in block_tables], device),
-            slot_mapping=long_tensor(
-                slot_mapping(query_lens, context_lens, block_tables, self.block_size), device
+            query_start=to_device(starts, torch.long, device),
+            context_lens=to_device(context_lens, torch.long, device),
+            block_tables=to_device(
+                [t + [0] * (width - len(t)) for t in block_tables], torch.long, device
+            ),
+            slot_mapping=to_device(
+                slot_mapping(query_lens, context_lens, block_tables, self.block_size),
+                torch.long,
+                device,
             ),
             max_query_len=max(query_lens, default=0),
             max_context_len=max(context_lens, default=0),

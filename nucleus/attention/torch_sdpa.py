@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nucleus.attention.base import AttentionBackend, long_tensor, slot_mapping
+from nucleus.attention.base import AttentionBackend, slot_mapping
 from nucleus.attention.reference import store_kv_index_copy
+from nucleus.transfer import to_device
 
 
 @dataclass
@@ -61,20 +62,20 @@ class AttentionPlan:
         def tables(rows: list[int]) -> torch.Tensor:
             width = -(-max(context_lens[i] for i in rows) // block_size)
             padded = [block_tables[i][:width] for i in rows]
-            return long_tensor([t + [0] * (width - len(t)) for t in padded], device)
+            return to_device([t + [0] * (width - len(t)) for t in padded], torch.long, device)
 
         decodes = bool(dec_rows)
         return cls(
-            slot_mapping=long_tensor(
-                slot_mapping(query_lens, context_lens, block_tables, block_size), device
+            slot_mapping=to_device(
+                slot_mapping(query_lens, context_lens, block_tables, block_size), torch.long, device
             ),
-            decode_tokens=long_tensor(dec_tokens, device) if decodes else None,
+            decode_tokens=to_device(dec_tokens, torch.long, device) if decodes else None,
             decode_blocks=tables(dec_rows) if decodes else None,
-            decode_context=long_tensor([context_lens[i] for i in dec_rows], device)
+            decode_context=to_device([context_lens[i] for i in dec_rows], torch.long, device)
             if decodes
             else None,
             prefills=prefills,
-            prefill_chunks=long_tensor(prefills, device) if prefills else None,
+            prefill_chunks=to_device(prefills, torch.long, device) if prefills else None,
             prefill_blocks=tables(pre_rows) if prefills else None,
             all_decode_in_order=decodes and not prefills,
         )

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nucleus.attention.base import KVCache, long_tensor
+from nucleus.attention.base import KVCache
 from nucleus.attention.torch_sdpa import AttentionPlan, TorchBackend
 from nucleus.kernels.triton.decode_attention import decode_attention, num_splits
 from nucleus.kernels.triton.kv_store import store_kv
 from nucleus.kernels.triton.prefill_attention import prefill_attention
+from nucleus.transfer import to_device
 
 
 @dataclass
@@ -59,13 +60,20 @@ class TritonBackend(TorchBackend):
     def splits_for(self, batch_size: int) -> int:
         return num_splits(batch_size, self.n_kv_heads, self.num_sms, self.max_tiles)
 
+    def eager_decode_batches(self, max_num_seqs: int) -> list[int]:
+        """The smallest batch of each split count: the decode kernel is compiled per count."""
+        first: dict[int, int] = {}
+        for batch in range(1, max_num_seqs + 1):
+            first.setdefault(self.splits_for(batch), batch)
+        return sorted(first.values())
+
     def build_metadata(
         self, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]]
     ) -> TritonMetadata:
         plan = super().build_metadata(query_lens, context_lens, block_tables)
         meta = TritonMetadata(**vars(plan))
         if plan.decode_blocks is not None:
-            meta.decode_width = long_tensor([plan.decode_blocks.shape[1]], self.kv.device)
+            meta.decode_width = to_device([plan.decode_blocks.shape[1]], torch.long, self.kv.device)
             meta.splits = self.splits_for(plan.decode_blocks.shape[0])
         return meta
 

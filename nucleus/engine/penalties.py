@@ -13,6 +13,7 @@ import torch
 
 from nucleus.engine.sequence import Sequence
 from nucleus.sampling_params import SamplingParams
+from nucleus.transfer import to_device
 
 
 def has_penalties(params: SamplingParams) -> bool:
@@ -47,7 +48,7 @@ class PenaltyCounts:
             )
             self._free = list(range(first + grow - 1, first - 1, -1))
         row = self.rows[seq.seq_id] = self._free.pop()
-        ids = torch.tensor(seq.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        ids = to_device(seq.token_ids, torch.long, self.device)
         prompt, output = ids[: seq.num_prompt_tokens], ids[seq.num_prompt_tokens :]
         self.prompt_mask[row] = False
         self.prompt_mask[row, prompt] = True
@@ -59,8 +60,7 @@ class PenaltyCounts:
         """The rows of `seqs`: `(row index (B,), output counts (B, V), prompt masks (B, V))`.
         A row is made at a sequence's first sampled token (a step run from the host's tokens,
         never one launched ahead), from the tokens the host has; `add` counts the rest."""
-        rows = torch.tensor([self._row(s) for s in seqs], dtype=torch.long)
-        rows = rows.to(self.device, non_blocking=True)
+        rows = to_device([self._row(s) for s in seqs], torch.long, self.device)
         return rows, self.counts.index_select(0, rows), self.prompt_mask.index_select(0, rows)
 
     def add(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:

@@ -32,18 +32,10 @@ from nucleus.engine.sequence import Sequence
 from nucleus.engine.structured import PendingMasks
 from nucleus.model import Transformer
 from nucleus.sampling import Sampler, SamplingTensors, compute_logprobs
+from nucleus.transfer import to_device, to_host
 
 if TYPE_CHECKING:
     from nucleus.distributed.workers import WorkerGroup
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of `t`, queued without waiting (into pinned memory from a GPU)."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 @dataclass
@@ -224,6 +216,24 @@ class ModelRunner:
                     max_blocks_per_seq=-(-max_model_len // block_size),
                     use_graphs=not enforce_eager and self.device.type == "cuda",
                 )
+            if self.device.type == "cuda":
+                self._warm_up(max_num_seqs)
+
+    @torch.inference_mode()
+    def _warm_up(self, max_num_seqs: int) -> None:
+        """Run each shape of eager step once, so that its Triton kernels compile now and not
+        under the first requests (a compile takes about half a second): a one-token step, and a
+        prefill chunk beside every number of decode rows the backend compiles separately, with
+        token counts that do and do not divide by 16 (Triton specializes integer arguments on
+        that). The steps write only block 0 of the cache, which no sequence holds yet."""
+        shapes = [[1], [16], [15, 1]]
+        shapes += [[16] + [1] * b for b in self.attention.eager_decode_batches(max_num_seqs)]
+        table = [0] * -(-16 // self.block_size)  # every position in block 0
+        for num_tokens in shapes:
+            starts = [0 if n > 1 else 1 for n in num_tokens]
+            self._forward([0] * sum(num_tokens), starts, num_tokens, [table] * len(num_tokens))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def kv(self) -> KVCache:
@@ -244,7 +254,7 @@ class ModelRunner:
         rows, counts, masks = self.penalties.gather([seqs[j] for j in penalized])
         if len(penalized) == len(seqs):
             return rows, counts, masks, None
-        index = torch.tensor(penalized, dtype=torch.long).to(self.device, non_blocking=True)
+        index = to_device(penalized, torch.long, self.device)
         full_counts = counts.new_zeros(len(seqs), vocab).index_copy_(0, index, counts)
         full_masks = masks.new_zeros(len(seqs), vocab).index_copy_(0, index, masks)
         return rows, full_counts, full_masks, index
@@ -289,8 +299,8 @@ class ModelRunner:
         context_lens = [start + n for start, n in zip(starts, num_tokens, strict=True)]
         meta = self.attention.build_metadata(num_tokens, context_lens, block_tables)
         return self.model.forward(
-            torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True),
-            torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
+            to_device(token_ids, torch.long, self.device),
+            to_device(positions, torch.long, self.device),
             self.attention,
             meta,
         )
@@ -333,7 +343,7 @@ class ModelRunner:
             hidden = self._forward(step.token_ids, step.starts, step.num_tokens, step.block_tables)
             if not step.logit_rows:
                 return None
-            rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.device)
+            rows = to_device(step.logit_rows, torch.long, self.device)
             return self.model.compute_logits(hidden[rows])
         if step.source_rows is None:
             return self.decode_step(
@@ -414,7 +424,7 @@ class ModelRunner:
             device.append(out.logprobs)
             if out.top_ids is not None:
                 device += [out.top_ids, out.top_logprobs]
-        host = [_to_host(t) for t in device]
+        host = [to_host(t) for t in device]
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from nucleus.sampling_params import StructuredOutputsParams
+from nucleus.transfer import to_device
 
 # JSON as people write it: `{"a": 1, "b": [2, 3]}`, one space after `:` and `,`, no other
 # whitespace. Flexible whitespace lets a small model fill its budget with newlines. A schema's
@@ -125,7 +126,7 @@ class PendingMasks:
         bias, _ = self._done.result()
         if bias.dtype == torch.int32:  # a bitmask for an accelerator: unpacked there
             bias = bitmask_to_bias(bias.to(device, non_blocking=True), self._vocab_size)
-        rows = torch.tensor(self.rows, dtype=torch.int64).to(device, non_blocking=True)
+        rows = to_device(self.rows, torch.int64, device)
         return rows, bias.to(device, non_blocking=True)
 
     @property

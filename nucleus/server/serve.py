@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -315,6 +316,8 @@ async def _serve(args: argparse.Namespace) -> None:
     app = build_app(
         engine, served_model_name=args.served_model_name, api_key=args.api_key, limits=limits
     )
+    gc.collect()
+    gc.freeze()  # as the engine process does (nucleus.engine_process): lasting objects set aside
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -290,3 +290,21 @@ def test_stream_interval_reports_fewer_larger_outputs_with_the_same_tokens(model
     assert out.finished and out.outputs[0].finish_reason == "abort"
     with pytest.raises(ValueError, match="stream_interval"):
         EngineConfig(stream_interval=0)
+
+
+def test_the_start_up_warm_up_runs_every_eager_step_shape_and_leaves_the_pool_alone():
+    """On a GPU the runner runs each eagerly compiled step shape once at start-up (so no Triton
+    kernel compiles under the first requests); here, interpreted, the same steps must run, and
+    afterwards the engine's outputs are those of a fresh engine and every block is free."""
+    e = triton_engine()
+    backend = e.runner.attention
+    batches = backend.eager_decode_batches(256)
+    assert {backend.splits_for(b) for b in range(1, 257)} == {
+        backend.splits_for(b) for b in batches
+    }
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in triton_engine().generate(PROMPTS, greedy)]
+    free = e.scheduler.block_manager.num_free_blocks
+    e.runner._warm_up(max_num_seqs=8)
+    assert e.scheduler.block_manager.num_free_blocks == free
+    assert [o.outputs[0].token_ids for o in e.generate(PROMPTS, greedy)] == expected
