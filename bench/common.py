@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import re
 import socket
 import subprocess
@@ -86,3 +87,11 @@ def update_docs_section(begin: str, end: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     DOCS.write_text(text)
+
+
+def mixed_requests(n: int, rng: random.Random) -> tuple[list[list[int]], list[int]]:
+    """`n` requests of random token ids, prompts of 32-1,024 tokens and outputs of 32-512 tokens
+    (uniform), drawn from `rng`: the mixed workload of `bench/gpu.py` and `bench/serve.py --mix`."""
+    lens = [(rng.randint(32, 1024), rng.randint(32, 512)) for _ in range(n)]
+    prompts = [[rng.randrange(0, 128000) for _ in range(p)] for p, _ in lens]
+    return prompts, [o for _, o in lens]

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import mixed_requests
 from gpu_peers import gpt_fast_decode, timed, transformers_continuous_batching
 
 from nucleus.config import ModelConfig
@@ -169,9 +170,7 @@ def throughput_workloads(seed: int = 0) -> dict[str, tuple[list[list[int]], list
         return [rng.randrange(0, 128000) for _ in range(n)]
 
     uniform = ([prompt(128) for _ in range(256)], [256] * 256)
-    mix_lens = [(rng.randint(32, 1024), rng.randint(32, 512)) for _ in range(512)]
-    mix = ([prompt(p) for p, _ in mix_lens], [o for _, o in mix_lens])
-    return {"256x128/256": uniform, "mix512": mix}
+    return {"256x128/256": uniform, "mix512": mixed_requests(512, rng)}
 
 
 class LaunchLog:

@@ -5,12 +5,18 @@
     python bench/serve.py --concurrency 1,4,16 --requests 32 --max-tokens 32
     python bench/serve.py --url http://127.0.0.1:8000 --api-key KEY   # an already running one
     python bench/serve.py --update-docs             # also rewrite its section of docs/benchmarks.md
+    python bench/serve.py --model DIR --mix 512 --concurrency 64,256 --offline   # mixed lengths
+    python bench/serve.py ... --profile prof.txt    # py-spy over the server at the largest level
 
 Each level of concurrency runs `--requests` streaming completions (fixed length: `ignore_eos`,
 `max_tokens`) from that many clients at once. Time to first token (TTFT) is from sending the
 request to the first chunk with text; inter-token latency (ITL) is the gap between successive
 chunks of a stream (the server sends one chunk per engine step, so one token per chunk);
-TPOT is a request's (end - first token) / (tokens - 1). Prints a table and writes JSON
+TPOT is a request's (end - first token) / (tokens - 1). `--mix N`: N requests of random
+Llama 3 token ids with mixed prompt and output lengths instead (bench/gpu.py's mix). `--offline`:
+then the largest level's requests through the offline `LLM`, the figure the server is compared
+with. `--profile FILE`: py-spy's flat stacks of the server and its engine process during the
+largest level (`bench/pyspy_summary.py FILE` summarizes them). Prints a table and writes JSON
 (default bench/results/serve.json).
 """
 
@@ -22,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -31,7 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from common import DOCS, REPO, cpu_name, start_server, stop_server, update_docs_section
+from common import (
+    DOCS,
+    REPO,
+    cpu_name,
+    mixed_requests,
+    start_server,
+    stop_server,
+    update_docs_section,
+)
 
 BEGIN, END = "<!-- bench/serve.py:begin -->", "<!-- bench/serve.py:end -->"
 PROMPTS = [
@@ -155,12 +170,13 @@ async def _sse_lines(response: httpx.Response):
 
 
 async def _clients(
-    url: str, headers: dict, model: str, concurrency: int, indices: list[int], max_tokens: int,
-    prompts: list[str] | list[list[int]], temperature: float,
+    url: str, headers: dict, model: str, concurrency: int, indices: list[int],
+    max_tokens: int | list[int], prompts: list[str] | list[list[int]], temperature: float,
 ) -> tuple[list[RequestResult], float, float]:  # fmt: skip
     """`concurrency` streaming clients in this process take the requests `indices` (request i
-    sends `prompts[i % len(prompts)]`) in turn; their results, and the wall-clock start and end
-    (time.perf_counter: one clock for every process)."""
+    sends `prompts[i % len(prompts)]` for `max_tokens`, or `max_tokens[i]` when a list) in turn;
+    their results, and the wall-clock start and end (time.perf_counter: one clock for every
+    process)."""
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as c:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -175,7 +191,8 @@ async def _clients(
                 except asyncio.QueueEmpty:
                     return
                 prompt = prompts[i % len(prompts)]
-                results.append(await _one(c, model, prompt, max_tokens, temperature))
+                n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+                results.append(await _one(c, model, prompt, n, temperature))
 
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
@@ -228,7 +245,7 @@ def _start_profiler(out: Path | None, pid: int | None) -> subprocess.Popen | Non
 
 
 def _level(
-    url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int,
+    url: str, headers: dict, model: str, concurrency: int, n: int, max_tokens: int | list[int],
     processes: int = 1, server_pid: int | None = None,
     prompts: list[str] | list[list[int]] = PROMPTS, temperature: float = 0.8,
     profile: Path | None = None,
@@ -308,8 +325,16 @@ def _offline(args: argparse.Namespace, level: LevelResult) -> dict:
         elif flag.startswith("--dtype="):
             options["dtype"] = flag.split("=", 1)[1]
     llm = LLM(args.model, **options)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(level.requests)]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True)
+    workload, max_tokens = _workload(args, level.concurrency)
+    prompts = [workload[i % len(workload)] for i in range(level.requests)]
+    params = [
+        SamplingParams(
+            max_tokens=max_tokens[i] if isinstance(max_tokens, list) else max_tokens,
+            temperature=0.8,
+            ignore_eos=True,
+        )
+        for i in range(level.requests)
+    ]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     llm.engine.block_manager.reset_prefix_cache()
     start = time.perf_counter()
@@ -323,6 +348,17 @@ def _offline(args: argparse.Namespace, level: LevelResult) -> dict:
         "server_concurrency": level.concurrency,
         "server_fraction": level.output_tokens_per_s / (tokens / seconds),
     }
+
+
+def _workload(
+    args: argparse.Namespace, concurrency: int
+) -> tuple[list[str] | list[list[int]], int | list[int]]:
+    """The prompts and output lengths of a level: the chat prompts with `--max-tokens`, or the
+    mix, seeded by the level's client count (its prompts are new to the server's prefix cache;
+    the offline run takes the largest level's and clears its cache)."""
+    if args.mix:
+        return mixed_requests(args.mix, random.Random(concurrency))
+    return PROMPTS, args.max_tokens
 
 
 def _device(server_args: list[str]) -> str:
@@ -379,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
     p.add_argument(
+        "--mix",
+        type=int,
+        metavar="N",
+        help="N seeded requests of random token ids, prompts of 32-1,024 tokens and outputs of "
+        "32-512 (bench/gpu.py's mix), instead of the chat prompts; every level runs all N",
+    )
+    p.add_argument(
         "--profile",
         help="sample the server with py-spy during the largest level; flat stacks to this file",
     )
@@ -403,14 +446,15 @@ def main(argv: list[str] | None = None) -> int:
         levels = []
         counts = [int(x) for x in args.concurrency.split(",") if x]
         for c in counts:
-            n = max(args.requests, c)
+            n = args.mix or max(args.requests, c)
+            workload, max_tokens = _workload(args, c)
             print(f"concurrency {c}: {n} requests ...", file=sys.stderr, flush=True)
             pid = proc.pid if proc is not None else None
             profile = Path(args.profile) if args.profile and c == max(counts) else None
             levels.append(
                 _level(
-                    url, headers, model, c, n, args.max_tokens, args.client_processes, pid,
-                    profile=profile,
+                    url, headers, model, c, n, max_tokens, args.client_processes, pid,
+                    prompts=workload, profile=profile,
                 )
             )  # fmt: skip
     finally:
@@ -431,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _device(args.server_arg),
         "python": platform.python_version(),
         "torch": _torch_version(),
-        "max_tokens": args.max_tokens,
-        "requests": args.requests,
+        "max_tokens": "mix 32-512" if args.mix else args.max_tokens,
+        "requests": args.mix or args.requests,
+        "workload": f"seeded mix of {args.mix} (prompts 32-1,024 tokens)" if args.mix else "chat",
         "date": time.strftime("%Y-%m-%d"),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),

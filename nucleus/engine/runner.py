@@ -217,21 +217,30 @@ class ModelRunner:
                     use_graphs=not enforce_eager and self.device.type == "cuda",
                 )
             if self.device.type == "cuda":
-                self._warm_up(max_num_seqs)
+                self._warm_up(max_num_seqs, max_model_len)
 
     @torch.inference_mode()
-    def _warm_up(self, max_num_seqs: int) -> None:
+    def _warm_up(self, max_num_seqs: int, max_model_len: int) -> None:
         """Run each shape of eager step once, so that its Triton kernels compile now and not
-        under the first requests (a compile takes about half a second): a one-token step, and a
-        prefill chunk beside every number of decode rows the backend compiles separately, with
-        token counts that do and do not divide by 16 (Triton specializes integer arguments on
-        that). The steps write only block 0 of the cache, which no sequence holds yet."""
-        shapes = [[1], [16], [15, 1]]
-        shapes += [[16] + [1] * b for b in self.attention.eager_decode_batches(max_num_seqs)]
-        table = [0] * -(-16 // self.block_size)  # every position in block 0
-        for num_tokens in shapes:
-            starts = [0 if n > 1 else 1 for n in num_tokens]
-            self._forward([0] * sum(num_tokens), starts, num_tokens, [table] * len(num_tokens))
+        under the first requests (a compile takes about half a second). Triton compiles a kernel
+        per value of its compile-time arguments and per integer argument that is 1, divides by
+        16, or neither: so a one-token step; prefill chunks whose block tables are 1, 2 and 16
+        blocks wide; token counts that do and do not divide by 16; and a prefill beside every
+        number of decode rows the backend compiles separately. Every position maps to block 0,
+        which no sequence holds yet."""
+        bs = self.block_size
+        steps = [([1], [1]), ([15, 1], [0, 1])]  # (tokens per row, start of each row)
+        for width in (1, 2, 16):  # a prefill of up to 16 tokens ending its table's last block
+            n = min(16, width * bs)
+            if n > 1 and width * bs <= max_model_len:
+                steps.append(([n], [width * bs - n]))
+        steps += [
+            ([16] + [1] * b, [0] + [1] * b)
+            for b in self.attention.eager_decode_batches(max_num_seqs)
+        ]
+        for num_tokens, starts in steps:
+            tables = [[0] * -(-(s + n) // bs) for s, n in zip(starts, num_tokens, strict=True)]
+            self._forward([0] * sum(num_tokens), starts, num_tokens, tables)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -305,6 +305,6 @@ def test_the_start_up_warm_up_runs_every_eager_step_shape_and_leaves_the_pool_al
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in triton_engine().generate(PROMPTS, greedy)]
     free = e.scheduler.block_manager.num_free_blocks
-    e.runner._warm_up(max_num_seqs=8)
+    e.runner._warm_up(max_num_seqs=8, max_model_len=64)
     assert e.scheduler.block_manager.num_free_blocks == free
     assert [o.outputs[0].token_ids for o in e.generate(PROMPTS, greedy)] == expected
