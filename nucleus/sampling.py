@@ -272,7 +272,8 @@ class Sampler:
     @staticmethod
     def _draw(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         B, V = probs.shape
-        if not (st.do_top_p or st.do_top_k or st.do_min_p) and not any(st.generators):
+        unseeded = all(g is None for g in st.generators)
+        if unseeded and not (st.do_top_p or st.do_top_k or st.do_min_p):
             # Nothing to filter and no seeded row to reproduce: the same race over the unsorted
             # probabilities draws from the same distribution without sorting (B, V) each step.
             q = torch.empty_like(probs).exponential_()
