@@ -216,7 +216,8 @@ class ModelRunner:
                     max_blocks_per_seq=-(-max_model_len // block_size),
                     use_graphs=not enforce_eager and self.device.type == "cuda",
                 )
-            if self.device.type == "cuda":
+            if self.attention.supports_cuda_graphs and self.device.type == "cuda":
+                # a serving engine's backend; `Llama.generate`'s runner per call skips this
                 self._warm_up(max_num_seqs, max_model_len)
 
     @torch.inference_mode()
