@@ -187,7 +187,7 @@ def _token_counts(ids: Sequence[Sequence[int]], V: int, device: torch.device | s
         for i, x in enumerate(ids):
             if x:
                 padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.int64)
-        padded = padded.to(device, non_blocking=True)
+        padded = to_device(padded, torch.int64, device)
         counts.scatter_add_(1, padded, torch.ones(padded.shape, dtype=torch.float32, device=device))
     return counts[:, :V]
 

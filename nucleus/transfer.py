@@ -14,7 +14,7 @@ __all__ = ["to_device", "to_host"]
 
 
 def to_device(
-    values: list | np.ndarray, dtype: torch.dtype, device: torch.device | str
+    values: list | np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
     """A tensor of `values` on `device`, its copy queued without waiting."""
     if torch.device(device).type != "cuda":
